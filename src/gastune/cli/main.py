@@ -1,0 +1,55 @@
+"""``gastune`` command line: one subcommand per module in ``gastune.cli``.
+
+Each subcommand module exposes ``add_parser(subparsers)`` and ``run(args) -> int``; heavy
+imports happen inside ``run`` so ``gastune --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from gastune.errors import GastuneError
+
+# subcommand name -> module under gastune.cli
+SUBCOMMANDS = {
+    "train": "train_cmd",
+    "eval": "eval_cmd",
+    "data": "data_cmd",
+    "demo": "demo_cmd",
+    "bench": "bench_cmd",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gastune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, module_name in SUBCOMMANDS.items():
+        try:
+            module = importlib.import_module(f"gastune.cli.{module_name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"gastune.cli.{module_name}":
+                raise
+            continue  # subcommand not built yet
+        module.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except GastuneError as exc:
+        print(f"gastune {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gastune {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
