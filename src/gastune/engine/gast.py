@@ -1,0 +1,268 @@
+"""GastEngine: per-layer sample selection inside one back-propagation.
+
+Usage (what ``GastuneTrainer`` does every step)::
+
+    engine = GastEngine(peft_model, GastSettings(k=8)).attach()
+    support = support_gradients(peft_model, support_batch, engine.block_parameters)
+    with engine.step(batch_size=16, support=support, step_seed=seed):
+        loss = per_sample_loss(peft_model(**batch).logits, batch["labels"]).mean()
+        loss.backward()      # .grad of block adapters = mean gradient of their selected samples
+    optimizer.step()
+
+The loss must be the *mean over samples* of per-sample losses (times any constant, e.g.
+1/gradient-accumulation): the engine rescales each block's selected sum accordingly.
+Trainable parameters outside decoder blocks get the plain batch mean.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from gastune.engine.capture import BlockCapture, GenericCall
+from gastune.engine.gate import BlockGate
+from gastune.engine.generic import call_unit_of, detached_call, replay_per_sample
+from gastune.engine.persample_linear import per_sample_linear_forward
+from gastune.engine.settings import GastSettings
+from gastune.engine.stats import SelectionRecord
+from gastune.errors import GastuneError
+from gastune.models.blocks import BlockList, find_decoder_blocks, trainable_by_block
+from gastune.selection.sampling import alignment_scores, choose_samples, layer_generator
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Group:
+    """The unit of selection: all adapter tensors of one block (or of one module in it)."""
+
+    index: int
+    block: int
+    name: str
+    params: list[nn.Parameter] = field(default_factory=list)
+
+
+def _is_plain_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward
+
+
+def _tuner_layer_name(model: nn.Module, param_name: str) -> str:
+    """The adapted module a parameter belongs to (e.g. ``...layers.3.self_attn.q_proj``)."""
+    parts = param_name.split(".")[:-1]
+    while parts:
+        if hasattr(model.get_submodule(".".join(parts)), "base_layer"):  # peft BaseTunerLayer
+            return ".".join(parts)
+        parts.pop()
+    return call_unit_of(model, param_name)
+
+
+class GastEngine:
+    """Attach to a model (typically a peft model) to train with GAST selection."""
+
+    def __init__(self, model: nn.Module, settings: GastSettings | None = None):
+        self.model = model
+        self.settings = settings or GastSettings()
+        self.blocks: BlockList = find_decoder_blocks(model)
+        per_block, self.outside = trainable_by_block(model, self.blocks)
+        if not any(per_block):
+            raise GastuneError(
+                "no trainable adapter parameters inside the decoder blocks: GAST selects samples per "
+                "decoder block, so the adapter must add trainable tensors to the blocks"
+            )
+        self.block_parameters: list[list[nn.Parameter]] = [[p for _, p in named] for named in per_block]
+        self.groups: list[Group] = []
+        self._linear: list[tuple[int, nn.Linear]] = []
+        self._generic: dict[str, tuple[int, dict[str, nn.Parameter]]] = {}
+        self._classify(per_block)
+        self._groups_by_block: dict[int, list[Group]] = {}
+        for g in self.groups:
+            self._groups_by_block.setdefault(g.block, []).append(g)
+        self._handles: list = []
+        self._patched: list[tuple[nn.Module, object]] = []
+        self._captures: dict[int, BlockCapture] = {}
+        self._support: dict[int, torch.Tensor] | None = None
+        self._step_seed = 0
+        self._armed = False
+        self.records: list[SelectionRecord] = []
+
+    # ------------------------------------------------------------------ set-up
+    def _classify(self, per_block: list[list[tuple[str, nn.Parameter]]]) -> None:
+        seen_linear: set[int] = set()
+        groups: dict[tuple[int, str], Group] = {}
+        for block, named in enumerate(per_block):
+            for name, param in named:
+                owner_name, leaf = name.rsplit(".", 1)
+                owner = self.model.get_submodule(owner_name)
+                if _is_plain_linear(owner) and leaf in ("weight", "bias"):
+                    if id(owner) not in seen_linear:
+                        seen_linear.add(id(owner))
+                        self._linear.append((block, owner))
+                else:
+                    unit = call_unit_of(self.model, name)
+                    _, unit_params = self._generic.setdefault(unit, (block, {}))
+                    unit_params[name[len(unit) + 1 :] if unit else name] = param
+                key = (
+                    block,
+                    "" if self.settings.granularity == "block" else _tuner_layer_name(self.model, name),
+                )
+                if key not in groups:
+                    label = f"{self.blocks.prefix}.{block}" + (f":{key[1]}" if key[1] else "")
+                    groups[key] = Group(index=len(groups), block=block, name=label)
+                groups[key].params.append(param)
+        self.groups = list(groups.values())
+
+    def attach(self) -> GastEngine:
+        """Patch adapter modules and gate every decoder block. Returns ``self``."""
+        if self._patched:
+            return self
+        for block, module in self._linear:
+            self._patch(module, self._linear_forward(block, module))
+        for unit_name, (block, params) in self._generic.items():
+            module = self.model.get_submodule(unit_name)
+            self._patch(module, self._generic_forward(block, module, params))
+        for index, block in enumerate(self.blocks.blocks):
+            if self.block_parameters[index]:
+                self._handles.append(
+                    block.register_forward_pre_hook(self._gate_hook(index), with_kwargs=True)
+                )
+        logger.info(
+            "GAST engine attached: %d blocks, %d selection groups, %d linear and %d generic adapter modules",
+            len(self.blocks),
+            len(self.groups),
+            len(self._linear),
+            len(self._generic),
+        )
+        return self
+
+    def detach(self) -> None:
+        """Undo ``attach``: the model behaves exactly as before."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module, previous in reversed(self._patched):
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
+        self._patched.clear()
+
+    def _patch(self, module: nn.Module, forward) -> None:
+        self._patched.append((module, module.__dict__.get("forward")))
+        module.forward = forward
+
+    def _linear_forward(self, block: int, module: nn.Linear):
+        original = module.forward
+
+        def forward(x, *args, **kwargs):
+            capture = self._captures.get(block) if self._armed else None
+            if capture is None or not torch.is_grad_enabled():
+                return original(x, *args, **kwargs)
+            return per_sample_linear_forward(module, x, capture)
+
+        return forward
+
+    def _generic_forward(self, block: int, module: nn.Module, params: dict[str, nn.Parameter]):
+        original = module.forward
+
+        def forward(*args, **kwargs):
+            capture = self._captures.get(block) if self._armed else None
+            if capture is None or not torch.is_grad_enabled():
+                return original(*args, **kwargs)
+            out = detached_call(module, original, params, args, kwargs)
+            if isinstance(out, torch.Tensor) and out.requires_grad:
+                call = GenericCall(forward=original, args=args, kwargs=kwargs, params=params)
+                capture.generic_calls.append(call)
+                out.register_hook(call.set_grad)
+            return out
+
+        return forward
+
+    def _gate_hook(self, index: int):
+        def hook(module, args, kwargs):
+            if not self._armed or not torch.is_grad_enabled() or index not in self._captures:
+                return None
+            params = self.block_parameters[index]
+            if args:
+                hidden = BlockGate.apply(self._finish_block, index, args[0], *params)
+                return (hidden, *args[1:]), kwargs
+            hidden = BlockGate.apply(self._finish_block, index, kwargs["hidden_states"], *params)
+            return args, {**kwargs, "hidden_states": hidden}
+
+        return hook
+
+    # ------------------------------------------------------------------ one step
+    @contextmanager
+    def step(
+        self, batch_size: int, support: dict[int, torch.Tensor] | None = None, step_seed: int = 0
+    ) -> Iterator[None]:
+        """Arm the engine for one forward + backward over a micro-batch of ``batch_size``.
+
+        Args:
+            support: support gradient per block parameter, keyed by ``id(param)``; ``None``
+                uses the batch itself (the mean of its per-sample gradients).
+            step_seed: seeds every group's draw (each group derives its own generator).
+        """
+        if not self._patched:
+            raise RuntimeError("GastEngine.step() before attach()")
+        self.settings.k_for(batch_size)  # validates k against this micro-batch
+        self._captures = {i: BlockCapture(batch_size) for i, p in enumerate(self.block_parameters) if p}
+        self._support, self._step_seed, self._armed = support, step_seed, True
+        self.records = []
+        failed = False
+        try:
+            yield
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            self._armed = False
+            pending = [i for i, c in self._captures.items() if c.grads or c.generic_calls]
+            self._captures, self._support = {}, None
+            if pending and not failed:
+                raise RuntimeError(
+                    f"gastune: blocks {pending} captured gradients that never reached their gate; "
+                    "was backward() run inside engine.step()?"
+                )
+
+    def _finish_block(self, index: int) -> list[torch.Tensor]:
+        """Called by block ``index``'s gate: select samples, return the selected gradients."""
+        capture = self._captures.pop(index, None)
+        params = self.block_parameters[index]
+        if capture is None:  # e.g. a second backward through the same graph
+            return [torch.zeros_like(p) for p in params]
+        for call in capture.generic_calls:
+            replay_per_sample(call, capture)
+        n = capture.batch_size
+        k = self.settings.k_for(n)
+        result: dict[int, torch.Tensor] = {}
+        for group in self._groups_by_block[index]:
+            per_sample = [capture.get(p) for p in group.params]
+            if self._support is None:
+                support = [g.mean(dim=0) for g in per_sample]
+            else:
+                support = [self._support[id(p)] for p in group.params]
+            scores = alignment_scores(per_sample, support, self.settings.score)
+            chosen = choose_samples(
+                scores,
+                k,
+                self.settings.selection,
+                self.settings.temperature,
+                layer_generator(self._step_seed, group.index),
+            )
+            # Per-sample gradients carry the loss's 1/N; N/|chosen| turns their sum into the mean.
+            scale = n / max(len(chosen), 1)
+            for p, g in zip(group.params, per_sample):
+                picked = (
+                    g.index_select(0, chosen.to(g.device)).sum(dim=0)
+                    if len(chosen)
+                    else torch.zeros_like(g[0])
+                )
+                result[id(p)] = (picked * scale).to(p.dtype)
+            self.records.append(SelectionRecord.from_scores(group.index, scores, chosen))
+        del capture
+        return [result[id(p)] for p in params]

@@ -1,0 +1,126 @@
+"""Pure selection functions: scores in, chosen sample indices out.
+
+Shapes: ``N`` samples in a (micro-)batch, ``K`` samples kept per layer.
+All functions are deterministic given their ``generator``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+SelectionMode = Literal["softmax", "random", "topk"]
+SELECTION_MODES: tuple[str, ...] = ("softmax", "random", "topk")
+
+
+def standardize(scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(a - mean) / (std + eps) over the batch; all-equal scores map to zeros.
+
+    Args:
+        scores: ``(N,)`` alignment scores of one layer.
+    """
+    scores = scores.double()
+    if scores.numel() < 2:
+        return torch.zeros_like(scores)
+    centred = scores - scores.mean()
+    return centred / (scores.std(unbiased=False) + eps)
+
+
+def selection_probs(scores: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """softmax(standardize(scores) / temperature), with invalid samples given probability 0.
+
+    Non-finite scores (a NaN/inf loss or gradient) are excluded before standardising.
+    Returns ``(N,)`` float64 probabilities.
+    """
+    valid = torch.isfinite(scores)
+    probs = torch.zeros(scores.shape, dtype=torch.float64, device=scores.device)
+    if not valid.any():
+        return probs
+    z = standardize(scores[valid]) / temperature
+    probs[valid] = torch.softmax(z, dim=0)
+    return probs
+
+
+def choose_samples(
+    scores: torch.Tensor,
+    k: int,
+    mode: SelectionMode = "softmax",
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick ``k`` distinct sample indices for one layer.
+
+    - ``softmax``: draw without replacement with p = softmax(standardized score / τ) (GAST).
+    - ``random``: uniform draw without replacement (the paper's ablation).
+    - ``topk``: the k best-aligned samples (the paper's ablation; ties broken by index).
+
+    Samples with a non-finite score are never chosen; if fewer than ``k`` are finite, all
+    finite ones are returned. Returns a sorted ``(k',)`` int64 tensor on the CPU.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> choose_samples(torch.tensor([0.1, 2.0, -1.0, 0.5]), 2, generator=g).tolist()  # doctest: +SKIP
+        [1, 3]
+    """
+    scores = scores.detach().cpu()
+    valid = torch.isfinite(scores)
+    n_valid = int(valid.sum())
+    k = min(k, n_valid)
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    if mode == "topk":
+        masked = torch.where(valid, scores.double(), torch.tensor(float("-inf"), dtype=torch.float64))
+        # stable sort so that ties are broken by index, making the choice reproducible
+        order = torch.sort(masked, descending=True, stable=True).indices
+        chosen = order[:k]
+    elif mode == "softmax":
+        chosen = torch.multinomial(
+            selection_probs(scores, temperature), k, replacement=False, generator=generator
+        )
+    elif mode == "random":
+        chosen = torch.multinomial(valid.double(), k, replacement=False, generator=generator)
+    else:
+        raise ValueError(f"unknown selection mode '{mode}'; choose one of {SELECTION_MODES}")
+    return torch.sort(chosen).values
+
+
+def alignment_scores(
+    per_sample: list[torch.Tensor], support: list[torch.Tensor], score: str = "dot"
+) -> torch.Tensor:
+    """Alignment of each sample's gradient with the support gradient, summed over tensors.
+
+    Args:
+        per_sample: tensors of shape ``(N, *shape_j)``: per-sample gradients of one layer.
+        support: matching tensors of shape ``shape_j``: the layer's support gradient.
+        score: ``dot`` (raw inner product, the paper) or ``cosine``.
+
+    Returns:
+        ``(N,)`` float64 scores.
+    """
+    if score not in ("dot", "cosine"):
+        raise ValueError(f"unknown score '{score}'; choose 'dot' or 'cosine'")
+    n = per_sample[0].shape[0]
+    dot = torch.zeros(n, dtype=torch.float64, device=per_sample[0].device)
+    sq = torch.zeros(n, dtype=torch.float64, device=per_sample[0].device)
+    support_sq = torch.zeros((), dtype=torch.float64, device=per_sample[0].device)
+    for g, s in zip(per_sample, support, strict=True):
+        g = g.reshape(n, -1).double()
+        s = s.reshape(-1).double().to(g.device)
+        dot += g @ s
+        if score == "cosine":
+            sq += (g * g).sum(dim=1)
+            support_sq += (s * s).sum()
+    if score == "dot":
+        return dot
+    return dot / (sq.sqrt() * support_sq.sqrt()).clamp_min(1e-30)
+
+
+def layer_seed(step_seed: int, layer: int) -> int:
+    """A per-layer seed derived from the step's seed, so the draw of one layer does not
+    depend on the order in which layers are processed (backward visits them last-first)."""
+    return (step_seed * 1_000_003 + layer * 7919 + 17) % (2**63 - 1)
+
+
+def layer_generator(step_seed: int, layer: int) -> torch.Generator:
+    return torch.Generator().manual_seed(layer_seed(step_seed, layer))
