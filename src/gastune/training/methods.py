@@ -1,0 +1,185 @@
+"""Training methods: each decides, every step, which samples update which layers.
+
+A method is an object with ``setup(trainer, model)`` (once, after the Trainer has wrapped
+the model), ``training_step(trainer, model, inputs, run)`` (``run()`` performs the ordinary
+forward + backward) and ``metrics()`` (scalars for the Trainer's log). New methods register a
+factory in ``METHODS`` under the name ``--method`` takes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from gastune.engine import GastEngine, GastSettings, support_gradients
+from gastune.engine.stats import SelectionRecord, selection_mask, summarize
+from gastune.errors import GastuneError
+
+logger = logging.getLogger(__name__)
+
+METHODS: dict[str, Callable[..., TrainingMethod]] = {}
+
+
+def register_method(name: str):
+    """Decorator: make a method factory ``f(config, **kwargs)`` available as ``--method name``."""
+
+    def wrap(factory):
+        METHODS[name] = factory
+        return factory
+
+    return wrap
+
+
+class TrainingMethod:
+    """Dense training: every sample updates every trainable parameter (the LoRA/DoRA baseline)."""
+
+    name = "dense"
+
+    def setup(self, trainer, model) -> None:
+        pass
+
+    def training_step(
+        self, trainer, model, inputs: dict[str, Any], run: Callable[[], torch.Tensor]
+    ) -> torch.Tensor:
+        return run()
+
+    def metrics(self) -> dict[str, float]:
+        """Scalars accumulated since the last call (then reset)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+@register_method("lora")
+@register_method("dora")
+@register_method("dense")
+def _dense(config=None, **_) -> TrainingMethod:
+    return TrainingMethod()
+
+
+class GastMethod(TrainingMethod):
+    """GAST: per-block sample selection by alignment with a support gradient.
+
+    Args:
+        settings: k, selection rule, score, τ, granularity.
+        support_size: K_sup, support samples per step.
+        support: ``train`` (fresh draw from the training set every step), ``heldout``
+            (draw from ``support_dataset``) or ``batch`` (the batch's own mean gradient).
+        seed: seeds the support draws and the per-layer selection draws.
+        keep_masks: how many recent selection masks to keep for the heatmap.
+    """
+
+    name = "gast"
+
+    def __init__(
+        self,
+        settings: GastSettings | None = None,
+        support_size: int = 4,
+        support: str = "train",
+        support_dataset=None,
+        seed: int = 0,
+        keep_masks: int = 256,
+    ):
+        if support not in ("train", "heldout", "batch"):
+            raise GastuneError(f"support must be train, heldout or batch, got '{support}'")
+        if support_size < 1:
+            raise GastuneError(f"support_size (K_sup) must be ≥ 1, got {support_size}")
+        if support == "heldout" and support_dataset is None:
+            raise GastuneError("support='heldout' needs a support dataset (--support_data)")
+        if support_dataset is not None and len(support_dataset) == 0:
+            raise GastuneError("the support set is empty")
+        self.settings = settings or GastSettings()
+        self.support_size = support_size
+        self.support = support
+        self.support_dataset = support_dataset
+        self.seed = seed
+        self.keep_masks = keep_masks
+        self.engine: GastEngine | None = None
+        self.masks: list[tuple[int, torch.Tensor]] = []
+        self._records: list[tuple[int, list[SelectionRecord]]] = []
+        self._support_gen = torch.Generator()
+        self._select_gen = torch.Generator()
+
+    def setup(self, trainer, model) -> None:
+        unwrapped = trainer.accelerator.unwrap_model(model)
+        self.engine = GastEngine(unwrapped, self.settings).attach()
+        rank = trainer.args.process_index
+        # Each rank draws its own support samples and selections (see docs/distributed).
+        self._support_gen.manual_seed(self.seed * 1000 + 2 * rank + 1)
+        self._select_gen.manual_seed(self.seed * 1000 + 2 * rank + 2)
+        if self.support == "train" and (trainer.train_dataset is None or len(trainer.train_dataset) == 0):
+            raise GastuneError("the training set is empty, so there is no support set to draw from")
+
+    def _support_batch(self, trainer) -> dict[str, torch.Tensor]:
+        dataset = self.support_dataset if self.support == "heldout" else trainer.train_dataset
+        size = min(self.support_size, len(dataset))
+        picks = torch.randperm(len(dataset), generator=self._support_gen)[:size].tolist()
+        batch = trainer.data_collator([dataset[i] for i in picks])
+        return trainer._prepare_inputs(batch)
+
+    def training_step(self, trainer, model, inputs, run):
+        assert self.engine is not None, "setup() was not called"
+        n = inputs["input_ids"].shape[0]
+        support = None
+        if self.support != "batch":
+            batch = self._support_batch(trainer)
+            with trainer.compute_loss_context_manager():
+                support = support_gradients(
+                    trainer.accelerator.unwrap_model(model), batch, self.engine.block_parameters
+                )
+        step_seed = int(torch.randint(0, 2**62, (1,), generator=self._select_gen))
+        with self.engine.step(n, support=support, step_seed=step_seed):
+            loss = run()
+        self._records.append((n, self.engine.records))
+        step = trainer.state.global_step
+        if self.keep_masks:
+            self.masks.append((step, selection_mask(self.engine.records, n, len(self.engine.groups))))
+            del self.masks[: -self.keep_masks]
+        return loss
+
+    def metrics(self) -> dict[str, float]:
+        if not self._records or self.engine is None:
+            return {}
+        sums: dict[str, float] = {}
+        for n, records in self._records:
+            for key, value in summarize(records, n, len(self.engine.groups)).items():
+                sums[key] = sums.get(key, 0.0) + value
+        count = len(self._records)
+        self._records = []
+        return {f"gast/{k}": v / count for k, v in sums.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"support_gen": self._support_gen.get_state(), "select_gen": self._select_gen.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._support_gen.set_state(state["support_gen"])
+        self._select_gen.set_state(state["select_gen"])
+
+
+@register_method("gast")
+def _gast(config, support_dataset=None, **_) -> GastMethod:
+    return GastMethod(
+        settings=config.gast_settings(),
+        support_size=config.gast_support_size,
+        support=config.gast_support,
+        support_dataset=support_dataset,
+        seed=config.seed,
+    )
+
+
+def build_method(config, **kwargs) -> TrainingMethod:
+    """The method named by ``config.method``, built from the config's settings."""
+    try:
+        factory = METHODS[config.method]
+    except KeyError:
+        raise GastuneError(
+            f"unknown method '{config.method}'; choose one of {', '.join(sorted(METHODS))}"
+        ) from None
+    return factory(config, **kwargs)
