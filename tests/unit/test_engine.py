@@ -106,7 +106,7 @@ def test_parameters_outside_blocks_get_the_plain_batch_mean():
     cfg.modules_to_save = ["lm_head"]
     model = get_peft_model(model, cfg)
     batch = make_batch(n=6)
-    grads, groups, _ = engine_grads(model, batch, GastSettings(k=3), None, 1)
+    grads, _, _ = engine_grads(model, batch, GastSettings(k=3), None, 1)
     head = [p for n, p in model.named_parameters() if p.requires_grad and "lm_head" in n]
     assert head
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
