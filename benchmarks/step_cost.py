@@ -1,0 +1,241 @@
+"""Step time and peak memory of each method, as ratios to dense LoRA, measured side by side.
+
+Every method trains through the same entry point (``GastuneTrainer``) on the same batches;
+each (method, round) runs in a fresh subprocess so its peak memory is its own, and rounds
+alternate methods (A B A B …) so machine noise hits all methods alike.
+
+Run (CPU, embedded model, the issue's setting — about 15 min on 2 cores):
+    python benchmarks/step_cost.py --methods lora,gast --batch 16 --seq 256 \
+        --out docs/results/step_cost_cpu.json --readme
+GPU, randomly initialised LLaMA-7B shape in bf16:
+    python benchmarks/step_cost.py --device cuda --shape llama-7b --bf16 --out docs/results/step_cost_gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from provenance import provenance, update_readme_block, write_json  # noqa: E402
+
+SHAPES = {
+    # name: (hidden, intermediate, layers, heads, kv_heads, vocab)
+    "llama-7b": (4096, 11008, 32, 32, 32, 32000),
+    "llama-1b": (2048, 5504, 16, 16, 16, 32000),
+    "tiny": (64, 128, 4, 4, 2, 1000),
+}
+
+
+def build_model(args):
+    import torch
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    if args.shape:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        hidden, inter, layers, heads, kv, vocab = SHAPES[args.shape]
+        cfg = LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            max_position_embeddings=max(2048, args.seq),
+        )
+        with torch.device(args.device):
+            model = LlamaForCausalLM(cfg).to(dtype)  # random weights: cost does not depend on them
+        return model, vocab
+    from gastune.models import load_model
+
+    model = load_model(args.model, dtype=dtype).to(args.device)
+    return model, model.config.vocab_size
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def worker(args) -> dict:
+    import resource
+
+    import torch
+    from transformers import TrainerCallback
+
+    from gastune.training import GastuneConfig, GastuneTrainer, apply_adapter
+
+    torch.manual_seed(0)
+    model, vocab = build_model(args)
+    model = apply_adapter(model, tuner=args.tuner, r=args.rank, alpha=2 * args.rank, dropout=0.05)
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    steps = args.warmup + args.steps
+    g = torch.Generator().manual_seed(1)
+    data = [
+        {"input_ids": torch.randint(0, vocab, (args.seq,), generator=g)} for _ in range(args.batch * steps)
+    ]
+
+    def collate(features):
+        ids = torch.stack([f["input_ids"] for f in features])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *_, **__):
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t0)
+
+    config = GastuneConfig(
+        output_dir=str(ROOT / "runs" / "bench"),
+        method=args.method,
+        per_device_train_batch_size=args.batch,
+        max_steps=steps,
+        learning_rate=1e-4,
+        optim="adamw_torch",
+        save_strategy="no",
+        report_to="none",
+        logging_steps=10_000,
+        disable_tqdm=True,
+        use_cpu=args.device == "cpu",
+        bf16=args.bf16,
+        gast_k=args.k,
+        gast_support_size=args.k_sup,
+        seed=0,
+        dataloader_drop_last=True,
+        gradient_checkpointing=args.checkpointing,
+    )
+    baseline_rss = rss_bytes()
+    trainer = GastuneTrainer(
+        model=model, args=config, train_dataset=data, data_collator=collate, callbacks=[StepTimer()]
+    )
+    trainer.train()
+    measured = times[args.warmup :]
+    result = {
+        "method": args.method,
+        "step_times_s": measured,
+        "median_step_s": statistics.median(measured),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "rss_before_training_bytes": baseline_rss,
+    }
+    if args.device == "cuda":
+        result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+    return result
+
+
+def parent(args) -> None:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if "lora" not in methods:
+        methods.insert(0, "lora")  # the reference every ratio is taken against
+    runs: dict[str, list[dict]] = {m: [] for m in methods}
+    for round_index in range(args.rounds):
+        order = methods if round_index % 2 == 0 else list(reversed(methods))
+        for method in order:
+            cmd = [sys.executable, __file__, "--worker", "--method", method, *sys.argv[1:]]
+            print(f"round {round_index + 1}/{args.rounds}: {method} ...", flush=True)
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if out.returncode != 0 or not lines:
+                sys.stderr.write(out.stderr[-4000:])
+                raise SystemExit(f"worker for {method} failed (exit {out.returncode})")
+            runs[method].append(json.loads(lines[-1][len("RESULT ") :]))
+    memory_key = "peak_cuda_bytes" if args.device == "cuda" else "peak_rss_bytes"
+    summary = {}
+    for method, results in runs.items():
+        all_times = [t for r in results for t in r["step_times_s"]]
+        summary[method] = {
+            "median_step_s": statistics.median(all_times),
+            "peak_memory_bytes": max(r[memory_key] for r in results),
+            "peak_increase_bytes": max(r[memory_key] - r["rss_before_training_bytes"] for r in results)
+            if args.device == "cpu"
+            else None,
+        }
+    ref = summary["lora"]
+    for s in summary.values():
+        s["time_ratio"] = s["median_step_s"] / ref["median_step_s"]
+        s["memory_ratio"] = s["peak_memory_bytes"] / ref["peak_memory_bytes"]
+        if s["peak_increase_bytes"] is not None:
+            s["memory_increase_ratio"] = s["peak_increase_bytes"] / ref["peak_increase_bytes"]
+    report = {
+        "benchmark": "step_cost",
+        "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "method", "readme")},
+        "memory_metric": memory_key,
+        "summary": summary,
+        "runs": runs,
+        **provenance(args.device),
+    }
+    write_json(report, args.out)
+    table = render_table(report)
+    print(table)
+    if args.readme:
+        update_readme_block(ROOT / "README.md", f"step_cost_{args.device}", table)
+
+
+def render_table(report: dict) -> str:
+    s = report["settings"]
+    model = (s["shape"] and f"random {s['shape']}") or s["model"]
+    lines = [
+        f"Model {model}, {s['tuner']} r={s['rank']}, batch {s['batch']} × {s['seq']} tokens, "
+        f"GAST k={s['k']} K_sup={s['k_sup']}, {'bf16' if s['bf16'] else 'fp32'} on {report['machine']['device_name']}; "
+        f"{s['rounds']} interleaved rounds × {s['steps']} steps; {report['date'][:10]}, commit {report['git']['hash'][:8]}"
+        + (" (dirty)" if report["git"]["dirty"] else ""),
+        "",
+        "| method | median step (s) | time vs LoRA | peak memory (GiB) | memory vs LoRA |",
+        "|---|---|---|---|---|",
+    ]
+    for method, r in report["summary"].items():
+        lines.append(
+            f"| {method} | {r['median_step_s']:.2f} | ×{r['time_ratio']:.2f} | "
+            f"{r['peak_memory_bytes'] / 2**30:.2f} | ×{r['memory_ratio']:.2f} |"
+        )
+    lines.append("")
+    lines.append(f"Source: `{report['command']}` → `{report['output']}`")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--methods", default="lora,gast")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--shape", choices=sorted(SHAPES), default=None, help="random-weight LLaMA shape instead")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--tuner", default="lora")
+    p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--k", type=float, default=8)
+    p.add_argument("--k-sup", type=int, default=4)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--out", default="docs/results/step_cost.json")
+    p.add_argument("--readme", action="store_true", help="update the README's table from this run")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--method", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args)), flush=True)
+    else:
+        parent(args)
+
+
+if __name__ == "__main__":
+    main()
