@@ -1,0 +1,207 @@
+"""Tokenise prompt/completion records for causal-LM training and pad them into batches.
+
+A training sequence is ``prompt + completion + EOS``, tokenised jointly (as the log-likelihood
+evaluator does), so a token that merges across the prompt/completion boundary counts as part
+of the completion. ``labels`` equal ``input_ids`` (loss over prompt and answer, as in
+LLM-Adapters) or carry -100 on prompt tokens with ``train_on_prompt=False``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from gastune.data.io import normalize_record
+from gastune.errors import GastuneError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["IGNORE_INDEX", "CausalLMCollator", "TokenizedDataset", "tokenize_records"]
+
+IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
+_SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+def tokenize_records(
+    records: Sequence[Mapping],
+    tokenizer,
+    cutoff_len: int = 256,
+    train_on_prompt: bool = True,
+) -> list[dict]:
+    """``input_ids`` / ``attention_mask`` / ``labels`` lists for each record, cut to ``cutoff_len``.
+
+    ``records`` are ``{"prompt", "completion"}`` dicts (``load_records``) or any schema that
+    ``normalize_record`` accepts (e.g. ``load_commonsense`` records). A record whose prompt
+    alone fills ``cutoff_len`` keeps no target token: such records are counted and logged; with
+    ``train_on_prompt=False`` they would carry no loss at all, so they are dropped.
+
+    Example:
+        >>> items = tokenize_records([{"prompt": "Q: 2+2?\\nA: ", "completion": "4"}], tokenizer)  # doctest: +SKIP
+        >>> items[0]["labels"][-1] == tokenizer.eos_token_id  # doctest: +SKIP
+        True
+    """
+    if cutoff_len < 2:
+        raise GastuneError(f"cutoff_len must be at least 2, got {cutoff_len}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise GastuneError("the tokenizer has no EOS token, which ends every training sequence")
+    normalised = [
+        r
+        if isinstance(r, Mapping)
+        and isinstance(r.get("prompt"), str)
+        and isinstance(r.get("completion"), str)
+        else normalize_record(r, f"record {i + 1}")
+        for i, r in enumerate(records)
+    ]
+    if not normalised:
+        raise GastuneError("no records to tokenize")
+    lead = _leading_special_ids(tokenizer)
+    prompts = tokenizer([r["prompt"] for r in normalised], add_special_tokens=False)["input_ids"]
+    fulls = tokenizer([r["prompt"] + r["completion"] for r in normalised], add_special_tokens=False)[
+        "input_ids"
+    ]
+    items, truncated, no_target = [], 0, 0
+    for prompt_ids, full_ids in zip(prompts, fulls):
+        ids = [*lead, *full_ids, eos]
+        # Where the completion starts: the joint tokens shared with the prompt alone.
+        start = len(lead) + _common_prefix(prompt_ids, full_ids)
+        if len(ids) > cutoff_len:
+            truncated += 1
+            ids = ids[:cutoff_len]
+        if start >= len(ids):
+            no_target += 1
+            if not train_on_prompt:
+                continue
+        labels = list(ids) if train_on_prompt else [IGNORE_INDEX] * start + ids[start:]
+        items.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    if truncated:
+        logger.info(
+            "%d of %d records were cut to cutoff_len=%d tokens", truncated, len(normalised), cutoff_len
+        )
+    if no_target:
+        action = (
+            "dropped them (no loss left)"
+            if not train_on_prompt
+            else "kept them (they train on prompt tokens only)"
+        )
+        logger.warning(
+            "%d of %d records lost every completion token to cutoff_len=%d; %s",
+            no_target,
+            len(normalised),
+            cutoff_len,
+            action,
+        )
+    if not items:
+        raise GastuneError(f"no record keeps a completion token within cutoff_len={cutoff_len}; raise it")
+    return items
+
+
+class CausalLMCollator:
+    """Right-pad tokenised features into a batch of tensors (pads: mask 0, label -100).
+
+    Features need ``input_ids``; ``attention_mask`` defaults to ones and ``labels`` to a copy
+    of ``input_ids``. Other keys pass through: numbers (e.g. the ``index`` of
+    ``TokenizedDataset`` items) as a tensor, anything else as a list.
+
+    Example:
+        >>> collate = CausalLMCollator(tokenizer)  # doctest: +SKIP
+        >>> batch = collate([{"input_ids": [5, 6, 7], "index": 0}, {"input_ids": [8], "index": 1}])  # doctest: +SKIP
+        >>> batch["labels"].tolist(), batch["index"].tolist()  # doctest: +SKIP
+        ([[5, 6, 7], [8, -100, -100]], [0, 1])
+    """
+
+    def __init__(self, tokenizer, pad_to_multiple_of: int | None = None):
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise GastuneError("the tokenizer has neither a pad nor an EOS token to pad batches with")
+        if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+            raise GastuneError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of}")
+        self.pad_token_id = int(pad)
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, features: Sequence[Mapping]) -> dict:
+        if not features:
+            raise ValueError("cannot collate an empty batch")
+        width = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch_size = len(features)
+        input_ids = torch.full((batch_size, width), self.pad_token_id, dtype=torch.long)  # (B, T)
+        attention_mask = torch.zeros((batch_size, width), dtype=torch.long)  # (B, T)
+        labels = torch.full((batch_size, width), IGNORE_INDEX, dtype=torch.long)  # (B, T)
+        for row, feature in enumerate(features):
+            ids = torch.as_tensor(feature["input_ids"], dtype=torch.long)
+            n = ids.numel()
+            input_ids[row, :n] = ids
+            mask = feature.get("attention_mask")
+            attention_mask[row, :n] = 1 if mask is None else torch.as_tensor(mask, dtype=torch.long)
+            target = feature.get("labels")
+            labels[row, :n] = ids if target is None else torch.as_tensor(target, dtype=torch.long)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        for key in features[0]:
+            if key in _SEQUENCE_KEYS:
+                continue
+            if any(key not in f for f in features):
+                raise ValueError(f"feature key '{key}' is missing from some features of the batch")
+            batch[key] = _stack_extra([f[key] for f in features])
+        return batch
+
+
+def _stack_extra(values: list):
+    if all(isinstance(v, (bool, int, float)) for v in values):
+        return torch.tensor(values)
+    if all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in values):
+        return torch.stack(values)
+    return values
+
+
+class TokenizedDataset(torch.utils.data.Dataset):
+    """Tokenised items whose ``__getitem__`` adds their position as ``"index"``.
+
+    The index lets a trainer tie per-sample quantities (losses, gradients) back to items.
+
+    Example:
+        >>> data = TokenizedDataset([{"input_ids": [1, 2], "attention_mask": [1, 1], "labels": [1, 2]}])
+        >>> len(data), data[0]["index"]
+        (1, 0)
+    """
+
+    def __init__(self, items: Sequence[Mapping]):
+        self._items = list(items)
+
+    @classmethod
+    def from_records(
+        cls, records: Sequence[Mapping], tokenizer, cutoff_len: int = 256, train_on_prompt: bool = True
+    ) -> TokenizedDataset:
+        """Tokenise ``records`` (see ``tokenize_records``) into a dataset."""
+        return cls(
+            tokenize_records(records, tokenizer, cutoff_len=cutoff_len, train_on_prompt=train_on_prompt)
+        )
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> dict:
+        index = range(len(self._items))[index]  # negative indices work; out of range raises IndexError
+        return {**self._items[index], "index": index}
+
+
+def _leading_special_ids(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before any text (e.g. BOS); trailing ones (EOS) are not kept."""
+    with_special = tokenizer("x")["input_ids"]
+    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
+    for i in range(len(with_special) - len(plain) + 1):
+        if with_special[i : i + len(plain)] == plain:
+            return list(with_special[:i])
+    return []
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
