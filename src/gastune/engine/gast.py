@@ -88,6 +88,7 @@ class GastEngine:
         self._support: dict[int, torch.Tensor] | None = None
         self._step_seed = 0
         self._armed = False
+        self._k = 1
         self.records: list[SelectionRecord] = []
 
     # ------------------------------------------------------------------ set-up
@@ -198,7 +199,11 @@ class GastEngine:
     # ------------------------------------------------------------------ one step
     @contextmanager
     def step(
-        self, batch_size: int, support: dict[int, torch.Tensor] | None = None, step_seed: int = 0
+        self,
+        batch_size: int,
+        support: dict[int, torch.Tensor] | None = None,
+        step_seed: int = 0,
+        full_batch_size: int | None = None,
     ) -> Iterator[None]:
         """Arm the engine for one forward + backward over a micro-batch of ``batch_size``.
 
@@ -206,10 +211,12 @@ class GastEngine:
             support: support gradient per block parameter, keyed by ``id(param)``; ``None``
                 uses the batch itself (the mean of its per-sample gradients).
             step_seed: seeds every group's draw (each group derives its own generator).
+            full_batch_size: the configured micro-batch size, when ``batch_size`` may be a
+                shorter last batch (a count k then keeps the same fraction).
         """
         if not self._patched:
             raise RuntimeError("GastEngine.step() before attach()")
-        self.settings.k_for(batch_size)  # validates k against this micro-batch
+        self._k = self.settings.k_for(batch_size, full_batch_size)  # validates k
         self._captures = {i: BlockCapture(batch_size) for i, p in enumerate(self.block_parameters) if p}
         self._support, self._step_seed, self._armed = support, step_seed, True
         self.records = []
@@ -237,8 +244,7 @@ class GastEngine:
             return [torch.zeros_like(p) for p in params]
         for call in capture.generic_calls:
             replay_per_sample(call, capture)
-        n = capture.batch_size
-        k = self.settings.k_for(n)
+        n, k = capture.batch_size, self._k
         result: dict[int, torch.Tensor] = {}
         for group in self._groups_by_block[index]:
             per_sample = [capture.get(p) for p in group.params]

@@ -42,11 +42,18 @@ class GastSettings:
         if self.granularity not in ("block", "module"):
             raise GastuneError(f"unknown granularity '{self.granularity}'; choose block or module")
 
-    def k_for(self, batch_size: int) -> int:
-        """The number of samples kept per layer in a micro-batch of ``batch_size``."""
-        if self.k >= 1:
-            k = int(self.k)
-            if k > batch_size:
-                raise GastuneError(f"gast k={k} exceeds the micro-batch size {batch_size}")
-            return k
-        return max(1, round(self.k * batch_size))
+    def k_for(self, batch_size: int, full_batch_size: int | None = None) -> int:
+        """The number of samples kept per layer in a micro-batch of ``batch_size``.
+
+        A count k is given for full micro-batches of ``full_batch_size``; a shorter one (the
+        last of an epoch) keeps the same fraction, so training does not stop at epoch end.
+        """
+        if self.k < 1:
+            return max(1, round(self.k * batch_size))
+        k = int(self.k)
+        full = full_batch_size or batch_size
+        if k > full:
+            raise GastuneError(f"gast k={k} exceeds the micro-batch size {full}")
+        if batch_size < full:
+            k = max(1, min(k, round(k * batch_size / full)))
+        return k

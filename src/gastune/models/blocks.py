@@ -77,9 +77,9 @@ def block_index_of(param_name: str, blocks: BlockList) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def trainable_by_block(model: nn.Module, blocks: BlockList | None = None) -> tuple[
-    list[list[tuple[str, nn.Parameter]]], list[tuple[str, nn.Parameter]]
-]:
+def trainable_by_block(
+    model: nn.Module, blocks: BlockList | None = None
+) -> tuple[list[list[tuple[str, nn.Parameter]]], list[tuple[str, nn.Parameter]]]:
     """Split trainable parameters into per-block lists and the rest (outside blocks).
 
     Returns:

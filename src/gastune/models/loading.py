@@ -77,10 +77,15 @@ def default_model_dir() -> Path:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Map the default model's name to its cached folder; leave other names untouched."""
+    """Map the default model's name to its cached folder; check that a local path exists."""
     if name_or_path in (DEFAULT_MODEL, "default"):
         return str(default_model_dir())
-    return name_or_path
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") != 1
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        raise GastuneError(
+            f"model path '{name_or_path}' does not exist (the default model is '{DEFAULT_MODEL}')"
+        )
+    return str(Path(name_or_path).expanduser()) if looks_local else name_or_path
 
 
 def load_tokenizer(name_or_path: str = DEFAULT_MODEL):
@@ -106,8 +111,6 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)
-    if not Path(path).exists() and ("/" not in path or path.startswith((".", "/"))):
-        raise GastuneError(f"model path '{name_or_path}' does not exist")
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:

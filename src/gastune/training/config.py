@@ -4,8 +4,6 @@
 ``ModelConfig`` and ``DataConfig`` describe what to train on.
 """
 
-from __future__ import annotations
-
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -85,9 +83,6 @@ class GastuneConfig(TrainingArguments):
     gast_granularity: str = field(default="block", metadata={"help": "GAST: block or module."})
     output_dir: str = field(
         default="runs/gastune", metadata={"help": "Where checkpoints and the adapter go."}
-    )
-    report_to: str | list[str] | None = field(
-        default="none", metadata={"help": "Trainer loggers (tensorboard, wandb…)."}
     )
 
     def __post_init__(self) -> None:

@@ -114,15 +114,25 @@ class GastMethod(TrainingMethod):
         # Each rank draws its own support samples and selections (see docs/distributed).
         self._support_gen.manual_seed(self.seed * 1000 + 2 * rank + 1)
         self._select_gen.manual_seed(self.seed * 1000 + 2 * rank + 2)
-        if self.support == "train" and (trainer.train_dataset is None or len(trainer.train_dataset) == 0):
-            raise GastuneError("the training set is empty, so there is no support set to draw from")
+        dataset = self.support_dataset if self.support == "heldout" else trainer.train_dataset
+        if self.support != "batch" and (dataset is None or len(dataset) == 0):
+            raise GastuneError("the support set is empty: there is nothing to draw support samples from")
+        # Do for the support draws what the Trainer does for its dataloader: drop the columns the
+        # model does not take (e.g. raw text) before collating.
+        self._collator = trainer.data_collator
+        if dataset is not None and _is_hf_dataset(dataset):
+            dataset = trainer._remove_unused_columns(dataset, description="support")
+        elif dataset is not None:
+            self._collator = trainer._get_collator_with_removed_columns(
+                trainer.data_collator, description="support"
+            )
+        self._support_source = dataset
 
     def _support_batch(self, trainer) -> dict[str, torch.Tensor]:
-        dataset = self.support_dataset if self.support == "heldout" else trainer.train_dataset
+        dataset = self._support_source
         size = min(self.support_size, len(dataset))
         picks = torch.randperm(len(dataset), generator=self._support_gen)[:size].tolist()
-        batch = trainer.data_collator([dataset[i] for i in picks])
-        return trainer._prepare_inputs(batch)
+        return trainer._prepare_inputs(self._collator([dataset[i] for i in picks]))
 
     def training_step(self, trainer, model, inputs, run):
         assert self.engine is not None, "setup() was not called"
@@ -135,7 +145,8 @@ class GastMethod(TrainingMethod):
                     trainer.accelerator.unwrap_model(model), batch, self.engine.block_parameters
                 )
         step_seed = int(torch.randint(0, 2**62, (1,), generator=self._select_gen))
-        with self.engine.step(n, support=support, step_seed=step_seed):
+        full = trainer.args.per_device_train_batch_size
+        with self.engine.step(n, support=support, step_seed=step_seed, full_batch_size=full):
             loss = run()
         self._records.append((n, self.engine.records))
         step = trainer.state.global_step
@@ -172,6 +183,14 @@ def _gast(config, support_dataset=None, **_) -> GastMethod:
         support_dataset=support_dataset,
         seed=config.seed,
     )
+
+
+def _is_hf_dataset(dataset) -> bool:
+    try:
+        import datasets
+    except ImportError:
+        return False
+    return isinstance(dataset, datasets.Dataset)
 
 
 def build_method(config, **kwargs) -> TrainingMethod:

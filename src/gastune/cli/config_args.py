@@ -1,0 +1,69 @@
+"""Turn ``--config file.yaml`` plus command-line flags into the three config dataclasses.
+
+Every ``TrainingArguments`` flag works. A YAML file supplies defaults that flags override;
+an unknown key in the YAML is rejected with the valid keys listed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+
+from gastune.errors import GastuneError
+
+CONFIG_CLASSES = None  # filled lazily: importing transformers is slow
+
+
+def _classes():
+    from gastune.training.config import DataConfig, GastuneConfig, ModelConfig
+
+    return (ModelConfig, DataConfig, GastuneConfig)
+
+
+def valid_keys() -> list[str]:
+    return sorted(f.name for cls in _classes() for f in dataclasses.fields(cls) if f.init)
+
+
+def yaml_to_argv(path: str) -> list[str]:
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise GastuneError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise GastuneError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise GastuneError(f"config file '{path}' must be a mapping of option: value")
+    keys = set(valid_keys())
+    argv: list[str] = []
+    for key, value in data.items():
+        if key not in keys:
+            close = difflib.get_close_matches(str(key), keys, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise GastuneError(
+                f"unknown config key '{key}' in {path}{hint}; valid keys: {', '.join(sorted(keys))}"
+            )
+        values = value if isinstance(value, list) else [value]
+        argv += [f"--{key}", *(str(v) for v in values)]
+    return argv
+
+
+def parse_train_args(argv: list[str]):
+    """``(ModelConfig, DataConfig, GastuneConfig)`` from ``[--config FILE] [--flag value ...]``."""
+    from transformers import HfArgumentParser
+
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise GastuneError("--config needs a YAML file")
+        argv = yaml_to_argv(argv[i + 1]) + argv[:i] + argv[i + 2 :]
+    parser = HfArgumentParser(_classes(), prog="gastune train")
+    model_cfg, data_cfg, config, rest = parser.parse_args_into_dataclasses(
+        args=argv, return_remaining_strings=True
+    )
+    if rest:
+        raise GastuneError(f"unknown arguments {rest}; see 'gastune train --help'")
+    return model_cfg, data_cfg, config

@@ -1,0 +1,135 @@
+"""The training entry point shared by the Python API and ``gastune train``.
+
+Example:
+    >>> from gastune.training import DataConfig, GastuneConfig, ModelConfig
+    >>> from gastune.training.run import train
+    >>> result = train(ModelConfig(), DataConfig(per_task=20),  # doctest: +SKIP
+    ...                GastuneConfig(method="gast", max_steps=10, per_device_train_batch_size=8))
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from gastune.errors import GastuneError
+from gastune.models import find_decoder_blocks, load_model, load_tokenizer
+from gastune.training.adapters import apply_adapter
+from gastune.training.config import DataConfig, GastuneConfig, ModelConfig
+from gastune.training.trainer import GastuneTrainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    trainer: GastuneTrainer
+    model: object
+    tokenizer: object
+    metrics: dict
+
+
+def resolve_tuner(model_cfg: ModelConfig, method: str) -> str:
+    """``--method dora`` means dense DoRA; otherwise the tuner defaults to LoRA."""
+    if method in ("lora", "dora"):
+        if model_cfg.tuner not in (None, method):
+            raise GastuneError(
+                f"--method {method} trains a dense {method} adapter; it conflicts with --tuner {model_cfg.tuner}"
+            )
+        return method
+    return model_cfg.tuner or "lora"
+
+
+def load_training_records(
+    data_cfg: DataConfig, split: str = "train", source: str | None = None
+) -> list[dict]:
+    """Records from the commonsense mixture or a user file/folder."""
+    source = source or data_cfg.data
+    if source in ("commonsense", "commonsense-validation"):
+        from gastune.data import load_commonsense
+
+        split = "validation" if source == "commonsense-validation" else split
+        return load_commonsense(
+            split, tasks=data_cfg.tasks, per_task=data_cfg.per_task, seed=data_cfg.data_seed_value
+        )
+    from gastune.data import load_records
+
+    return load_records(source)
+
+
+def build_dataset(records: list[dict], tokenizer, data_cfg: DataConfig):
+    from gastune.data import TokenizedDataset
+
+    return TokenizedDataset.from_records(
+        records, tokenizer, cutoff_len=data_cfg.cutoff_len, train_on_prompt=data_cfg.train_on_prompt
+    )
+
+
+def train(
+    model_cfg: ModelConfig, data_cfg: DataConfig, config: GastuneConfig, callbacks: list | None = None
+) -> TrainResult:
+    """Load the model, add the adapter, build the data, train with ``config.method``, save.
+
+    The adapter is saved the standard peft way in ``config.output_dir`` (loadable with
+    ``PeftModel.from_pretrained``), with the tokenizer and ``gastune_config.json``.
+    """
+    from gastune.data import CausalLMCollator
+
+    tuner = resolve_tuner(model_cfg, config.method)
+    if config.gast_support == "heldout" and not data_cfg.support_data and config.method.startswith("gast"):
+        raise GastuneError(
+            "gast_support=heldout needs --support_data (a file, folder or 'commonsense-validation')"
+        )
+    tokenizer = load_tokenizer(model_cfg.model)
+    records = load_training_records(data_cfg)
+    dataset = build_dataset(records, tokenizer, data_cfg)
+    if len(dataset) == 0:
+        raise GastuneError(f"the training data '{data_cfg.data}' is empty")
+    support = None
+    if data_cfg.support_data:
+        support = build_dataset(
+            load_training_records(data_cfg, source=data_cfg.support_data), tokenizer, data_cfg
+        )
+    model = load_model(model_cfg.model)
+    find_decoder_blocks(model)  # fail early, with a clear message, on a model without decoder layers
+    model = apply_adapter(
+        model,
+        tuner=tuner,
+        r=model_cfg.lora_r,
+        alpha=model_cfg.lora_alpha,
+        dropout=model_cfg.lora_dropout,
+        target_modules=model_cfg.target_modules,
+    )
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logger.info(
+        "method %s, tuner %s: %d trainable parameters, %d training sequences",
+        config.method,
+        tuner,
+        trainable,
+        len(dataset),
+    )
+    trainer = GastuneTrainer(
+        model=model,
+        args=config,
+        train_dataset=dataset,
+        data_collator=CausalLMCollator(tokenizer),
+        support_dataset=support,
+        callbacks=callbacks,
+    )
+    output = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.save_model(config.output_dir)
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(config.output_dir)
+        settings = {
+            "model": asdict(model_cfg),
+            "data": asdict(data_cfg),
+            "tuner": tuner,
+            "method": config.method,
+        }
+        settings["training"] = json.loads(config.to_json_string())
+        (Path(config.output_dir) / "gastune_config.json").write_text(
+            json.dumps(settings, indent=2, default=str)
+        )
+    return TrainResult(trainer=trainer, model=model, tokenizer=tokenizer, metrics=dict(output.metrics))
