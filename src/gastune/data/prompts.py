@@ -7,9 +7,7 @@ bare label; each task has a fixed label set (``TASK_LABELS``).
 
 from __future__ import annotations
 
-ALPACA_HEADER = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-)
+ALPACA_HEADER = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 ALPACA_HEADER_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
     "Write a response that appropriately completes the request."
