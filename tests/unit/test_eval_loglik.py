@@ -218,3 +218,21 @@ def test_bad_rule_and_batch_size_raise(model, tokenizer):
         evaluate_commonsense(model, tokenizer, RECORDS, rule="max")
     with pytest.raises(GastuneError, match="batch_size"):
         score_candidates(model, tokenizer, FREE_ITEMS, batch_size=0)
+
+
+def test_only_the_labels_a_question_states_are_scored():
+    """A 4-choice ARC question must not be scored against answer5."""
+    from gastune.eval.loglik import _check_record
+
+    four = {
+        "task": "arc_easy",
+        "answer": "answer2",
+        "instruction": "Q\n\nAnswer format: answer1/answer2/answer3/answer4",
+    }
+    assert _check_record(0, four) == ("answer1", "answer2", "answer3", "answer4")
+    five = {**four, "instruction": "Q\n\nAnswer format: answer1/answer2/answer3/answer4/answer5"}
+    assert len(_check_record(0, five)) == 5
+    bare = {**four, "instruction": "no format line"}
+    assert len(_check_record(0, bare)) == 5
+    with pytest.raises(GastuneError):
+        _check_record(0, {**four, "answer": "answer5"})

@@ -241,6 +241,13 @@ def _check_record(i: int, record: dict) -> tuple[str, ...]:
     labels = TASK_LABELS.get(record["task"])
     if labels is None:
         raise GastuneError(f"record {i}: unknown task '{record['task']}' (known: {', '.join(TASK_LABELS)})")
+    # A question with fewer choices than its task's maximum (3- or 4-choice ARC) lists its own
+    # labels on the instruction's "Answer format:" line: score only those.
+    stated = record["instruction"].rstrip().rsplit("Answer format:", 1)
+    if len(stated) == 2:
+        own = tuple(label.strip() for label in stated[1].split("/"))
+        if own and set(own) <= set(labels):
+            labels = own
     if record["answer"] not in labels:
         raise GastuneError(f"record {i}: answer '{record['answer']}' is not one of {labels}")
     return labels
