@@ -180,7 +180,8 @@ def parent(args) -> None:
         "runs": runs,
         **provenance(args.device),
     }
-    write_json(report, args.out)
+    report["output"] = args.out
+    write_json(args.out, report)
     table = render_table(report)
     print(table)
     if args.readme:
@@ -193,7 +194,7 @@ def render_table(report: dict) -> str:
     lines = [
         f"Model {model}, {s['tuner']} r={s['rank']}, batch {s['batch']} × {s['seq']} tokens, "
         f"GAST k={s['k']} K_sup={s['k_sup']}, {'bf16' if s['bf16'] else 'fp32'} on {report['machine']['device_name']}; "
-        f"{s['rounds']} interleaved rounds × {s['steps']} steps; {report['date'][:10]}, commit {report['git']['hash'][:8]}"
+        f"{s['rounds']} interleaved rounds × {s['steps']} steps; {report['date'][:10]}, commit {(report['git']['commit'] or 'unknown')[:8]}"
         + (" (dirty)" if report["git"]["dirty"] else ""),
         "",
         "| method | median step (s) | time vs LoRA | peak memory (GiB) | memory vs LoRA |",

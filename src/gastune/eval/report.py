@@ -11,10 +11,6 @@ Example:
 from __future__ import annotations
 
 import json
-import os
-import platform
-import subprocess
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -23,6 +19,7 @@ import torch
 
 from gastune.errors import GastuneError
 from gastune.eval.result import EvalResult, task_order
+from gastune.provenance import git_info, machine_info, write_json  # noqa: F401  (re-exported)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
@@ -83,37 +80,6 @@ def format_comparison_table(
     return _table(["task", "n", names[0], names[1], "change"], rows)
 
 
-def git_info(path: str | Path | None = None) -> dict[str, Any]:
-    """``{"commit", "dirty"}`` of the git checkout holding ``path`` (default: this package).
-
-    Both are ``None`` outside a checkout or without git.
-    """
-    cwd = Path(path) if path is not None else Path(__file__).resolve().parent
-
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return {"commit": commit, "dirty": None if status is None else bool(status)}
-
-
-def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Where the numbers were measured: platform, CPU count, torch version, device."""
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "device": str(device),
-    }
-
-
 def results_document(
     result: EvalResult,
     model: str,
@@ -131,30 +97,6 @@ def results_document(
         "settings": dict(settings or {}),
         "results": result.to_dict(),
     }
-
-
-def write_json(path: str | Path, document: dict[str, Any]) -> Path:
-    """Write JSON atomically: a temporary file in the same folder, then a rename.
-
-    An interrupted run therefore never leaves a truncated results file behind.
-
-    Example:
-        >>> write_json("results.json", results_document(result, model="smollm2-135m"))  # doctest: +SKIP
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(document, handle, indent=2)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def read_results(path: str | Path) -> EvalResult:
