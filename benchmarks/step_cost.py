@@ -74,6 +74,8 @@ def worker(args) -> dict:
 
     from gastune.training import GastuneConfig, GastuneTrainer, apply_adapter
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, vocab = build_model(args)
     model = apply_adapter(model, tuner=args.tuner, r=args.rank, alpha=2 * args.rank, dropout=0.05)
@@ -148,6 +150,8 @@ def parent(args) -> None:
         order = methods if round_index % 2 == 0 else list(reversed(methods))
         for method in order:
             cmd = [sys.executable, __file__, "--worker", "--method", method, *sys.argv[1:]]
+            if args.pin_cpu is not None:  # a dedicated core keeps other jobs' noise out of the ratios
+                cmd = ["taskset", "-c", str(args.pin_cpu), *cmd]
             print(f"round {round_index + 1}/{args.rounds}: {method} ...", flush=True)
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -193,7 +197,9 @@ def render_table(report: dict) -> str:
     model = (s["shape"] and f"random {s['shape']}") or s["model"]
     lines = [
         f"Model {model}, {s['tuner']} r={s['rank']}, batch {s['batch']} × {s['seq']} tokens, "
-        f"GAST k={s['k']} K_sup={s['k_sup']}, {'bf16' if s['bf16'] else 'fp32'} on {report['machine']['device_name']}; "
+        f"GAST k={s['k']} K_sup={s['k_sup']}, {'bf16' if s['bf16'] else 'fp32'} on {report['machine']['device_name']}"
+        + (f", {s['threads']} thread(s)" if s.get("threads") else "")
+        + "; "
         f"{s['rounds']} interleaved rounds × {s['steps']} steps; {report['date'][:10]}, commit {(report['git']['commit'] or 'unknown')[:8]}"
         + (" (dirty)" if report["git"]["dirty"] else ""),
         "",
@@ -227,6 +233,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--checkpointing", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads in each worker")
+    p.add_argument("--pin-cpu", type=int, default=None, help="run workers on this CPU core (taskset)")
     p.add_argument("--out", default="docs/results/step_cost.json")
     p.add_argument("--readme", action="store_true", help="update the README's table from this run")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
