@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from gastune.data.io import normalize_record
+from gastune.data.tokens import common_prefix, leading_special_ids
 from gastune.errors import GastuneError
 
 logger = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ def tokenize_records(
     ]
     if not normalised:
         raise GastuneError("no records to tokenize")
-    lead = _leading_special_ids(tokenizer)
+    lead = leading_special_ids(tokenizer)
     prompts = tokenizer([r["prompt"] for r in normalised], add_special_tokens=False)["input_ids"]
     fulls = tokenizer([r["prompt"] + r["completion"] for r in normalised], add_special_tokens=False)[
         "input_ids"
@@ -66,7 +67,7 @@ def tokenize_records(
     for prompt_ids, full_ids in zip(prompts, fulls):
         ids = [*lead, *full_ids, eos]
         # Where the completion starts: the joint tokens shared with the prompt alone.
-        start = len(lead) + _common_prefix(prompt_ids, full_ids)
+        start = len(lead) + common_prefix(prompt_ids, full_ids)
         if len(ids) > cutoff_len:
             truncated += 1
             ids = ids[:cutoff_len]
@@ -186,22 +187,3 @@ class TokenizedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         index = range(len(self._items))[index]  # negative indices work; out of range raises IndexError
         return {**self._items[index], "index": index}
-
-
-def _leading_special_ids(tokenizer) -> list[int]:
-    """The ids the tokenizer puts before any text (e.g. BOS); trailing ones (EOS) are not kept."""
-    with_special = tokenizer("x")["input_ids"]
-    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
-    for i in range(len(with_special) - len(plain) + 1):
-        if with_special[i : i + len(plain)] == plain:
-            return list(with_special[:i])
-    return []
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n

@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gastune.data.prompts import TASK_LABELS, answer_text, format_prompt
+from gastune.data.tokens import common_prefix, leading_special_ids
 from gastune.errors import GastuneError
 from gastune.eval.result import EvalResult, Prediction, aggregate
 
@@ -50,25 +51,6 @@ class _Encoded:
     shared: int  # length of the token prefix run once for all candidates (>= 1)
 
 
-def _leading_special_ids(tokenizer) -> list[int]:
-    """The ids the tokenizer puts before any text (e.g. BOS); trailing ones (EOS) are dropped."""
-    with_special = tokenizer("x")["input_ids"]
-    plain = tokenizer("x", add_special_tokens=False)["input_ids"]
-    for i in range(len(with_special) - len(plain) + 1):
-        if with_special[i : i + len(plain)] == plain:
-            return list(with_special[:i])
-    return []
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def _encode(tokenizer, prompt: str, candidates: Sequence[str], lead: list[int]) -> _Encoded:
     # Tokenise prompt+candidate jointly (as the model sees it in training) and find where the
     # candidate starts from the prompt alone; a token merging across the boundary counts as
@@ -76,14 +58,14 @@ def _encode(tokenizer, prompt: str, candidates: Sequence[str], lead: list[int]) 
     prompt_ids = lead + tokenizer(prompt, add_special_tokens=False)["input_ids"]
     joint = tokenizer([prompt + c for c in candidates], add_special_tokens=False)["input_ids"]
     seqs = [lead + list(ids) for ids in joint]
-    starts = [_common_prefix(prompt_ids, s) for s in seqs]
+    starts = [common_prefix(prompt_ids, s) for s in seqs]
     if min(starts) < 1:
         raise GastuneError("cannot score a candidate without a prompt token before it")
     if any(start == len(s) for start, s in zip(starts, seqs)):
         raise GastuneError(f"an empty candidate among {list(candidates)!r}")
     shared = min(seqs, key=len)
     for s in seqs:
-        shared = shared[: _common_prefix(shared, s)]
+        shared = shared[: common_prefix(shared, s)]
     # Every candidate keeps at least one token after the shared prefix, so that its first
     # scored token is predicted from the prefix's last position.
     return _Encoded(seqs, starts, min(len(shared), min(len(s) for s in seqs) - 1))
@@ -119,7 +101,7 @@ def _run_prefixes(model, group: Sequence[_Encoded], pad_id: int, keep: int, use_
     device = next(model.parameters()).device
     # Stop the common part before the first position whose logits are needed.
     first_needed = min(min(min(e.starts) - 1, e.shared - 1) for e in group)
-    common = min(_common_prefix(group[0].seqs[0], e.seqs[0]) for e in group)
+    common = min(common_prefix(group[0].seqs[0], e.seqs[0]) for e in group)
     common = min(common, first_needed)
     cache = None
     if common < _MIN_COMMON:
@@ -212,7 +194,7 @@ def score_candidates(
     """
     if batch_size < 1:
         raise GastuneError(f"batch_size must be >= 1, got {batch_size}")
-    lead = _leading_special_ids(tokenizer)
+    lead = leading_special_ids(tokenizer)
     encoded = [_encode(tokenizer, prompt, cands, lead) for prompt, cands in items]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # Longest prompts first: batches of similar length waste little padding, and the first
