@@ -17,7 +17,7 @@ Trainable parameters outside decoder blocks get the plain batch mean.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -89,6 +89,7 @@ class GastEngine:
         self._step_seed = 0
         self._armed = False
         self._k = 1
+        self._on_block: Callable[[int, list[torch.Tensor]], None] | None = None
         self.records: list[SelectionRecord] = []
 
     # ------------------------------------------------------------------ set-up
@@ -204,8 +205,12 @@ class GastEngine:
         support: dict[int, torch.Tensor] | None = None,
         step_seed: int = 0,
         full_batch_size: int | None = None,
+        on_block: Callable[[int, list[torch.Tensor]], None] | None = None,
     ) -> Iterator[None]:
         """Arm the engine for one forward + backward over a micro-batch of ``batch_size``.
+
+        Only blocks with at least one parameter that requires grad are armed: a block whose
+        adapters a layer-selective method froze for this step runs its ordinary forward.
 
         Args:
             support: support gradient per block parameter, keyed by ``id(param)``; ``None``
@@ -213,12 +218,21 @@ class GastEngine:
             step_seed: seeds every group's draw (each group derives its own generator).
             full_batch_size: the configured micro-batch size, when ``batch_size`` may be a
                 shorter last batch (a count k then keeps the same fraction).
+            on_block: score-only mode: no selection and no gradient is delivered; instead
+                ``on_block(block, per_sample)`` receives each armed block's per-sample
+                gradients of the loss, ``(N, *param.shape)`` per block parameter (fp32).
+                Back-propagate with ``torch.autograd.grad`` so that ``.grad`` stays untouched.
         """
         if not self._patched:
             raise RuntimeError("GastEngine.step() before attach()")
         self._k = self.settings.k_for(batch_size, full_batch_size)  # validates k
-        self._captures = {i: BlockCapture(batch_size) for i, p in enumerate(self.block_parameters) if p}
+        self._captures = {
+            i: BlockCapture(batch_size)
+            for i, params in enumerate(self.block_parameters)
+            if any(p.requires_grad for p in params)
+        }
         self._support, self._step_seed, self._armed = support, step_seed, True
+        self._on_block = on_block
         self.records = []
         failed = False
         try:
@@ -229,7 +243,7 @@ class GastEngine:
         finally:
             self._armed = False
             pending = [i for i, c in self._captures.items() if c.grads or c.generic_calls]
-            self._captures, self._support = {}, None
+            self._captures, self._support, self._on_block = {}, None, None
             if pending and not failed:
                 raise RuntimeError(
                     f"gastune: blocks {pending} captured gradients that never reached their gate; "
@@ -244,6 +258,9 @@ class GastEngine:
             return [torch.zeros_like(p) for p in params]
         for call in capture.generic_calls:
             replay_per_sample(call, capture)
+        if self._on_block is not None:
+            self._on_block(index, [capture.get(p) for p in params])
+            return [None] * len(params)
         n, k = capture.batch_size, self._k
         result: dict[int, torch.Tensor] = {}
         for group in self._groups_by_block[index]:
@@ -251,7 +268,11 @@ class GastEngine:
             if self._support is None:
                 support = [g.mean(dim=0) for g in per_sample]
             else:
-                support = [self._support[id(p)] for p in group.params]
+                # a frozen parameter of a partly frozen block has no support gradient
+                support = [
+                    self._support[id(p)] if id(p) in self._support else torch.zeros_like(p)
+                    for p in group.params
+                ]
             scores = alignment_scores(per_sample, support, self.settings.score)
             chosen = choose_samples(
                 scores,

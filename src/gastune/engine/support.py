@@ -17,7 +17,11 @@ def support_gradients(
     gradient accumulation) and no data-parallel reduction is triggered: each rank keeps its
     own support gradient. Run it with the engine disarmed.
     """
-    params = [p for block in block_parameters for p in block]
+    # Parameters a layer-selective method froze for this step are left out (no entry), so
+    # back-propagation stops below the lowest trainable block.
+    params = [p for block in block_parameters for p in block if p.requires_grad]
+    if not params:
+        return {}
     outputs = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
     loss = per_sample_loss(outputs.logits, batch["labels"]).mean()
     grads = torch.autograd.grad(loss, params, allow_unused=True)
