@@ -202,3 +202,7 @@ def build_method(config, **kwargs) -> TrainingMethod:
             f"unknown method '{config.method}'; choose one of {', '.join(sorted(METHODS))}"
         ) from None
     return factory(config, **kwargs)
+
+
+# Register the baselines (their modules import this one, so they come last).
+from gastune.training import gast_ist, ist, layerwise  # noqa: E402, F401
