@@ -205,4 +205,4 @@ def build_method(config, **kwargs) -> TrainingMethod:
 
 
 # Register the baselines (their modules import this one, so they come last).
-from gastune.training import gast_ist, ist, layerwise  # noqa: E402, F401
+from gastune.training import dataselect, gast_ist, ist, layerwise  # noqa: E402, F401
