@@ -20,15 +20,18 @@ class Prediction:
 
     ``sum_logprobs[i]`` is log p(candidate i | prompt) summed over its tokens and
     ``mean_logprobs[i]`` the same divided by its token count, in the order of ``labels``.
+    The generation protocol scores no candidates: its predictions keep the generated text in
+    ``response`` and have ``predicted=None`` when the response names no label (wrong).
     """
 
     index: int  # position of the record in the evaluated list
     task: str
     answer: str
-    predicted: str
+    predicted: str | None
     labels: tuple[str, ...]
-    sum_logprobs: tuple[float, ...]
-    mean_logprobs: tuple[float, ...]
+    sum_logprobs: tuple[float, ...] = ()
+    mean_logprobs: tuple[float, ...] = ()
+    response: str | None = None  # the generated text (generation protocol only)
 
     @property
     def correct(self) -> bool:
@@ -90,8 +93,8 @@ class EvalResult:
                     **{
                         **p,
                         "labels": tuple(p["labels"]),
-                        "sum_logprobs": tuple(p["sum_logprobs"]),
-                        "mean_logprobs": tuple(p["mean_logprobs"]),
+                        "sum_logprobs": tuple(p.get("sum_logprobs", ())),
+                        "mean_logprobs": tuple(p.get("mean_logprobs", ())),
                     }
                 )
                 for p in data.get("predictions", [])
