@@ -209,3 +209,49 @@ def test_responses_are_cut_at_eos_and_stop_string(tokenizer):
 def test_invalid_settings(model, tokenizer):
     with pytest.raises(GastuneError, match=">= 1"):
         generate_responses(model, tokenizer, PROMPTS, num_beams=0)
+
+
+# ---- gastune eval --protocol generate ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(model, tokenizer, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_cli_generate_protocol_writes_provenance(model_dir, tmp_path, monkeypatch, capsys):
+    import json
+
+    from gastune.cli.main import main
+    from gastune.data import commonsense
+
+    records = [record("boolq", f"q{i}\n\nAnswer format: true/false", "true") for i in range(3)]
+    monkeypatch.setattr(commonsense, "load_commonsense", lambda **kw: records)
+    adapter = tmp_path / "adapter"
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(
+        LlamaForCausalLM.from_pretrained(model_dir), LoraConfig(r=2, target_modules=["q_proj"])
+    )
+    peft_model.save_pretrained(adapter)
+    (adapter / "gastune_config.json").write_text(json.dumps({"method": "gast"}))
+    out = tmp_path / "gen.json"
+    argv = ["eval", "--model", str(model_dir), "--adapter", str(adapter), "--protocol", "generate"]
+    assert main([*argv, "--num-beams", "2", "--max-new-tokens", "3", "--out", str(out)]) == 0
+    assert "| boolq" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["method"] == "gast" and data["adapter"] == str(adapter) and data["model"] == str(model_dir)
+    assert data["git"]["commit"] and data["date"] and data["machine"]["device"] == "cpu"
+    assert data["settings"]["protocol"] == "generate" and data["settings"]["num_beams"] == 2
+    assert data["settings"]["max_new_tokens"] == 3 and data["results"]["rule"] == "beam2"
+    assert all(isinstance(p["response"], str) for p in data["results"]["predictions"])
+
+
+def test_cli_rejects_bad_generation_flags(model_dir):
+    from gastune.cli.main import main
+
+    assert main(["eval", "--model", str(model_dir), "--num-beams", "0"]) == 2
+    assert main(["eval", "--model", str(model_dir), "--gsm8k", "--protocol", "generate"]) == 2

@@ -88,3 +88,43 @@ def test_accuracy_by_final_number(monkeypatch):
     assert format_prompt("q0").endswith("### Response:\n")
     with pytest.raises(GastuneError, match="no GSM8K"):
         evaluate_gsm8k(None, None, [])
+
+
+def test_cli_gsm8k(tmp_path, monkeypatch, capsys):
+    import json
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import gastune.eval
+    from gastune.cli.main import main
+    from gastune.models.loading import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    problems = [{"id": i, "question": f"q{i}", "solution": "#### 1", "answer": "1"} for i in range(3)]
+    asked = {}
+
+    def fake_load(limit=None, seed=0):
+        asked.update(limit=limit, seed=seed)
+        return problems
+
+    monkeypatch.setattr(gastune.eval, "load_gsm8k", fake_load)
+    out = tmp_path / "gsm8k.json"
+    argv = ["eval", "--model", str(tmp_path / "tiny"), "--gsm8k", "--per-task", "3", "--seed", "2"]
+    assert main([*argv, "--max-new-tokens", "4", "--out", str(out)]) == 0
+    assert asked == {"limit": 3, "seed": 2}
+    assert "| gsm8k" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["settings"]["task"] == "gsm8k" and data["settings"]["max_new_tokens"] == 4
+    assert data["results"]["tasks"]["gsm8k"]["n"] == 3 and data["method"] is None

@@ -1,13 +1,21 @@
-"""``gastune eval``: zero-shot log-likelihood accuracy on the commonsense tasks.
+"""``gastune eval``: zero-shot accuracy on the commonsense tasks, or on GSM8K.
+
+Two protocols for the commonsense tasks: ``loglik`` (default) ranks each question's labels by
+log-likelihood; ``generate`` is the LLM-Adapters protocol (greedy or beam generation of up to
+32 tokens, the first stated label in the response is the prediction). ``--gsm8k`` evaluates
+the GSM8K test split by generation and final-number match instead.
 
 Usage:
     gastune eval --split validation --per-task 50 --out base.json
     gastune eval --adapter runs/lora --per-task 50 --out lora.json --compare base.json
+    gastune eval --adapter runs/lora --protocol generate --num-beams 4 --per-task 50
+    gastune eval --adapter runs/lora --gsm8k --per-task 100 --max-new-tokens 256
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
@@ -21,7 +29,7 @@ logger = logging.getLogger(__name__)
 def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "eval",
-        help="log-likelihood multiple-choice accuracy on the commonsense tasks",
+        help="accuracy on the commonsense tasks (log-likelihood or generation) or GSM8K",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -37,8 +45,26 @@ def add_parser(subparsers) -> None:
         help=f"tasks to evaluate (default: all of {', '.join(COMMONSENSE_TASKS)})",
     )
     parser.add_argument("--per-task", type=int, default=None, help="questions per task (default: all)")
+    parser.add_argument(
+        "--protocol",
+        default="loglik",
+        choices=("loglik", "generate"),
+        help="commonsense: rank labels by log-likelihood, or generate and match the first label",
+    )
+    parser.add_argument(
+        "--gsm8k", action="store_true", help="evaluate GSM8K test (generation, final number) instead"
+    )
+    parser.add_argument("--num-beams", type=int, default=1, help="generation: 1 = greedy, >1 = beam search")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="generation: most new tokens (default: 32 for the commonsense tasks, 256 for GSM8K)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the per-task sample")
-    parser.add_argument("--batch-size", type=int, default=16, help="questions per forward pass")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="questions per forward pass / generate call"
+    )
     parser.add_argument(
         "--rule", default="sum", choices=("sum", "mean"), help="rank candidates by summed or mean log-prob"
     )
@@ -68,12 +94,68 @@ def load_model_with_adapter(model_name: str, adapter: str | None, device: str):
     return model.to(device).eval(), tokenizer
 
 
+def adapter_method(adapter: str | None) -> str | None:
+    """The training method recorded in an adapter folder's ``gastune_config.json``, if any."""
+    if adapter is None:
+        return None
+    path = Path(adapter) / "gastune_config.json"
+    try:
+        return json.loads(path.read_text()).get("method")
+    except (OSError, ValueError, AttributeError):
+        return None  # an adapter trained elsewhere: no record of how
+
+
+def _check(args: argparse.Namespace) -> None:
+    for flag in ("per_task", "num_beams", "max_new_tokens", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise GastuneError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.gsm8k and (args.tasks or args.split != "validation" or args.protocol != "loglik"):
+        raise GastuneError(
+            "--gsm8k evaluates the GSM8K test split by generation: drop --tasks/--split/--protocol"
+        )
+
+
+def _evaluate(args: argparse.Namespace, model, tokenizer):
+    """``(result, number of questions, settings)`` for the protocol the flags ask for."""
+    from gastune.eval import evaluate_commonsense, evaluate_commonsense_generation, evaluate_gsm8k, load_gsm8k
+    from gastune.eval.generate import DEFAULT_MAX_NEW_TOKENS
+    from gastune.eval.gsm8k import DEFAULT_MAX_NEW_TOKENS as GSM8K_MAX_NEW_TOKENS
+
+    settings = {"per_task": args.per_task, "seed": args.seed, "batch_size": args.batch_size}
+    generation = {"num_beams": args.num_beams}
+    if args.gsm8k:
+        problems = load_gsm8k(limit=args.per_task, seed=args.seed)
+        generation["max_new_tokens"] = args.max_new_tokens or GSM8K_MAX_NEW_TOKENS
+        result = evaluate_gsm8k(model, tokenizer, problems, batch_size=args.batch_size, **generation)
+        return (
+            result,
+            len(problems),
+            {"task": "gsm8k", "split": "test", "protocol": "generate", **settings, **generation},
+        )
+    from gastune.data.commonsense import load_commonsense
+
+    records = load_commonsense(split=args.split, tasks=args.tasks, per_task=args.per_task, seed=args.seed)
+    settings = {
+        "split": args.split,
+        "tasks": list(args.tasks or COMMONSENSE_TASKS),
+        "protocol": args.protocol,
+        **settings,
+    }
+    if args.protocol == "generate":
+        generation["max_new_tokens"] = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        result = evaluate_commonsense_generation(
+            model, tokenizer, records, batch_size=args.batch_size, **generation
+        )
+        return result, len(records), {**settings, **generation}
+    result = evaluate_commonsense(model, tokenizer, records, batch_size=args.batch_size, rule=args.rule)
+    return result, len(records), {**settings, "rule": args.rule}
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from gastune.data.commonsense import load_commonsense
     from gastune.eval import (
-        evaluate_commonsense,
         format_comparison_table,
         format_results_table,
         read_results,
@@ -81,8 +163,7 @@ def run(args: argparse.Namespace) -> int:
         write_json,
     )
 
-    if args.per_task is not None and args.per_task < 1:
-        raise GastuneError(f"--per-task must be >= 1, got {args.per_task}")
+    _check(args)
     # Read the comparison file first, so that a wrong path fails before minutes of scoring.
     before = read_results(args.compare) if args.compare else None
     if args.threads is not None:
@@ -93,26 +174,22 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model_with_adapter(args.model, args.adapter, device)
-    records = load_commonsense(split=args.split, tasks=args.tasks, per_task=args.per_task, seed=args.seed)
     start = time.perf_counter()
-    result = evaluate_commonsense(model, tokenizer, records, batch_size=args.batch_size, rule=args.rule)
+    result, n_questions, settings = _evaluate(args, model, tokenizer)
     seconds = time.perf_counter() - start
     print(format_results_table(result))
-    print(f"{len(records)} questions in {seconds:.1f} s")
+    print(f"{n_questions} questions in {seconds:.1f} s")
     if before is not None:
         print()
         print(format_comparison_table(before, result, names=(Path(args.compare).stem, "this run")))
     if args.out:
-        settings = {
-            "split": args.split,
-            "tasks": list(args.tasks or COMMONSENSE_TASKS),
-            "per_task": args.per_task,
-            "seed": args.seed,
-            "batch_size": args.batch_size,
-            "threads": torch.get_num_threads(),
-            "rule": args.rule,
-            "seconds": round(seconds, 2),
-        }
+        settings.update(threads=torch.get_num_threads(), seconds=round(seconds, 2))
         document = results_document(result, args.model, args.adapter, settings=settings, device=device)
+        document = {
+            "model": args.model,
+            "adapter": args.adapter,
+            "method": adapter_method(args.adapter),
+            **document,
+        }
         print(f"wrote {write_json(args.out, document)}")
     return 0
