@@ -16,13 +16,19 @@ With trl: ``class GastSFTTrainer(GastuneMixin, SFTTrainer): pass`` and pass
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from gastune.engine.loss import per_sample_loss
+from gastune.training import checkpoint
 from gastune.training.methods import TrainingMethod, build_method
+
+logger = logging.getLogger(__name__)
 
 # Collator keys that are bookkeeping, not model inputs.
 NON_MODEL_KEYS = ("labels", "index", "completion_mask", "assistant_masks")
@@ -39,6 +45,8 @@ class GastuneMixin:
             method if method is not None else build_method(self.args, support_dataset=support_dataset)
         )
         self._method_ready = False
+        self._method_state: dict | None = None  # restored from a checkpoint, applied after setup()
+        self._staging_dir: str | None = None  # where _save_checkpoint is writing, while it is
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
@@ -49,8 +57,11 @@ class GastuneMixin:
 
     def training_step(self, model, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
         if not self._method_ready:
-            self.method.setup(self, model)
+            self.method.setup(self, model)  # seeds the method's generators…
             self._method_ready = True
+            if self._method_state is not None:  # …so a resumed state goes in after it
+                self.method.load_state_dict(self._method_state)
+                self._method_state = None
 
         def run() -> torch.Tensor:
             return super(GastuneMixin, self).training_step(model, inputs, num_items_in_batch)
@@ -61,6 +72,75 @@ class GastuneMixin:
         if "loss" in logs:  # a training log: add what the method measured since the last one
             logs = {**logs, **self.method.metrics()}
         super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------ checkpoints
+    def _get_output_dir(self, trial) -> str:
+        # While a checkpoint is being written, the Trainer writes into the staging folder.
+        return self._staging_dir if self._staging_dir is not None else super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint plus the method's state, published atomically (see
+        ``gastune.training.checkpoint``)."""
+        run_dir = super()._get_output_dir(trial)
+        folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        root = checkpoint.staging_root(run_dir, folder)
+        if self.args.should_save:
+            checkpoint.clear_staging(root)
+        self.accelerator.wait_for_everyone()
+        self._staging_dir = str(root)
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_dir = None
+        staged = root / folder
+        if not self.args.save_only_model:
+            checkpoint.save_method_state(
+                self.method.state_dict(), staged, self.args.process_index, self.args.world_size
+            )
+        self.accelerator.wait_for_everyone()  # every rank has written its files
+        if self.args.should_save:
+            self._fix_best_checkpoint(run_dir, staged)
+            checkpoint.publish(staged, os.path.join(run_dir, folder))
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def _fix_best_checkpoint(self, run_dir: str, staged) -> None:
+        """The Trainer looked for the best checkpoint in the staging folder: point it at the
+        published one, and re-write the staged ``trainer_state.json`` to say so."""
+        if not self.state.best_global_step:
+            return
+        best = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.best_global_step}")
+        if self.state.best_global_step == self.state.global_step or os.path.exists(best):
+            self.state.best_model_checkpoint = best
+            self.state.save_to_json(os.path.join(staged, "trainer_state.json"))
+
+    def _load_optimizer_and_scheduler(self, resume_from_checkpoint: str | None) -> None:
+        # Called exactly once when training resumes, under every backend (DDP, FSDP, DeepSpeed).
+        super()._load_optimizer_and_scheduler(resume_from_checkpoint)
+        if resume_from_checkpoint is None:
+            return
+        state = checkpoint.load_method_state(
+            resume_from_checkpoint, self.args.process_index, self.args.world_size
+        )
+        if state is None:
+            if self.method.state_dict():
+                logger.warning(
+                    "%s holds no state for method %s (rank %d): its random draws restart, so the "
+                    "resumed run will not reproduce the uninterrupted one",
+                    resume_from_checkpoint,
+                    self.method.name,
+                    self.args.process_index,
+                )
+            return
+        if self._method_ready:
+            self.method.load_state_dict(state)
+        else:
+            self._method_state = state
 
 
 class GastuneTrainer(GastuneMixin, Trainer):
