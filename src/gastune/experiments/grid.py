@@ -1,0 +1,231 @@
+"""An experiment grid: methods × seeds on one model, one data set and one budget.
+
+A grid is a YAML file (or the same dict built in Python)::
+
+    name: commonsense-smollm2
+    results: docs/experiment/results   # one JSON per (method, seed): <name>-seed<k>.json
+    docs: docs/experiment              # table, summary and plots built from the results
+    runs_dir: runs/experiment          # adapters (large, not committed)
+    seeds: [0, 1, 2]
+    train:                             # ModelConfig / DataConfig / GastuneConfig keys, all runs
+      model: smollm2-135m
+      per_task: 200
+      max_steps: 100
+    eval:                              # the fixed validation sample every run is scored on
+      per_task: 100
+    methods:
+      - lora
+      - gast
+      - {name: gast-random, method: gast, gast_selection: random}   # a variant: overrides
+
+Every run gets the same ``train`` settings, its entry's overrides, ``method`` and the seed
+(which seeds the adapter's initialisation, the data order and the method's draws; the
+training sample itself is fixed by ``data_seed_value`` so every run sees the same data).
+
+Example:
+    >>> grid = grid_from_dict({"methods": ["lora", {"name": "gast-topk", "method": "gast",
+    ...                        "gast_selection": "topk"}], "seeds": [0, 1]})
+    >>> [(r.name, r.seed) for r in grid.runs()]
+    [('lora', 0), ('lora', 1), ('gast-topk', 0), ('gast-topk', 1)]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gastune.errors import GastuneError
+
+# Set by the runner for every run; a grid cannot override them.
+RESERVED = ("method", "seed", "output_dir")
+# Defaults for every run that a grid may override: no mid-run checkpoints (an experiment
+# keeps only the final adapter), no experiment trackers.
+RUN_DEFAULTS: dict[str, Any] = {"save_strategy": "no", "report_to": "none", "logging_steps": 5}
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One row of the grid: a display ``name``, the registered ``method`` and its overrides."""
+
+    name: str
+    method: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One (method entry, seed) run."""
+
+    name: str
+    method: str
+    seed: int
+    overrides: dict[str, Any]
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.name}-seed{self.seed}"
+
+
+@dataclass
+class EvalSpec:
+    """The validation sample every run is scored on, and how it is scored."""
+
+    data: str = "commonsense"  # the packaged tasks, or a JSON/JSONL file of commonsense records
+    split: str = "validation"
+    tasks: list[str] | None = None
+    per_task: int | None = 100
+    seed: int = 1234  # fixed: every run is scored on the same questions
+    batch_size: int = 16
+    protocol: str = "loglik"  # or "generate" (LLM-Adapters)
+    num_beams: int = 1
+    max_new_tokens: int = 32
+
+    def __post_init__(self) -> None:
+        if self.protocol not in ("loglik", "generate"):
+            raise GastuneError(f"eval.protocol must be loglik or generate, got '{self.protocol}'")
+        for name in ("batch_size", "num_beams", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise GastuneError(f"eval.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class Grid:
+    """Methods × seeds with shared training and evaluation settings (see the module doc)."""
+
+    methods: list[MethodEntry]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    train: dict[str, Any] = field(default_factory=dict)
+    eval: EvalSpec = field(default_factory=EvalSpec)
+    name: str = "experiment"
+    results: str = "docs/experiment/results"
+    docs: str = "docs/experiment"
+    runs_dir: str = "runs/experiment"
+    threads: int | None = None  # torch CPU threads per run (default: torch's choice)
+
+    def runs(self) -> list[RunSpec]:
+        """Every (entry, seed) run, entry by entry (all seeds of one method together)."""
+        return [RunSpec(e.name, e.method, s, dict(e.overrides)) for e in self.methods for s in self.seeds]
+
+    def result_path(self, run: RunSpec) -> Path:
+        return Path(self.results) / f"{run.run_id}.json"
+
+    def settings(self, run: RunSpec) -> dict[str, Any]:
+        """The flat training settings of one run: defaults < ``train`` < overrides < run's own."""
+        output_dir = str(Path(self.runs_dir) / run.run_id)
+        return {
+            **RUN_DEFAULTS,
+            **self.train,
+            **run.overrides,
+            "method": run.method,
+            "seed": run.seed,
+            "output_dir": output_dir,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["methods"] = [{"name": e.name, "method": e.method, **e.overrides} for e in self.methods]
+        return out
+
+
+def _config_fields() -> dict[str, type]:
+    from gastune.training.config import DataConfig, GastuneConfig, ModelConfig
+
+    return {
+        f.name: cls
+        for cls in (ModelConfig, DataConfig, GastuneConfig)
+        for f in dataclasses.fields(cls)
+        if f.init
+    }
+
+
+def _check_keys(keys, where: str) -> None:
+    valid = _config_fields()
+    for key in keys:
+        if key in RESERVED:
+            raise GastuneError(f"{where}: '{key}' is set by the runner for each run; remove it")
+        if key not in valid:
+            close = difflib.get_close_matches(str(key), valid, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise GastuneError(f"{where}: unknown training key '{key}'{hint}")
+
+
+def _entry(item: Any, i: int) -> MethodEntry:
+    if isinstance(item, str):
+        item = {"name": item}
+    if not isinstance(item, dict) or "name" not in item:
+        raise GastuneError(f"methods[{i}] must be a method name or a mapping with a 'name'")
+    item = dict(item)
+    name = str(item.pop("name"))
+    method = str(item.pop("method", name))
+    if not _NAME.fullmatch(name):
+        raise GastuneError(f"methods[{i}]: '{name}' is not a usable file name (letters, digits, _ . + -)")
+    _check_keys(item, f"methods[{i}] ({name})")
+    return MethodEntry(name=name, method=method, overrides=item)
+
+
+def grid_from_dict(data: dict[str, Any]) -> Grid:
+    """A validated ``Grid`` from a dict (a parsed YAML file); errors name the bad entry."""
+    if not isinstance(data, dict):
+        raise GastuneError("a grid must be a mapping (see gastune.experiments.grid)")
+    data = dict(data)
+    known = {f.name for f in dataclasses.fields(Grid)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise GastuneError(
+            f"unknown grid key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}"
+        )
+    methods = [_entry(item, i) for i, item in enumerate(data.pop("methods", None) or [])]
+    if not methods:
+        raise GastuneError("the grid names no methods")
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise GastuneError(f"method names must be unique, got {names}")
+    train = dict(data.pop("train", None) or {})
+    _check_keys(train, "train")
+    try:
+        evaluation = EvalSpec(**(data.pop("eval", None) or {}))
+    except TypeError as exc:
+        raise GastuneError(f"eval: {exc}") from exc
+    seeds = data.pop("seeds", [0])
+    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
+    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise GastuneError(f"seeds must be a list of integers, got {seeds!r}")
+    return Grid(methods=methods, seeds=seeds, train=train, eval=evaluation, **data)
+
+
+def load_grid(path: str | Path) -> Grid:
+    """Read a grid YAML file.
+
+    Example:
+        >>> grid = load_grid("benchmarks/commonsense_grid.yaml")  # doctest: +SKIP
+    """
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise GastuneError(f"grid file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise GastuneError(f"grid file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    return grid_from_dict(data)
+
+
+def build_configs(settings: dict[str, Any]):
+    """``(ModelConfig, DataConfig, GastuneConfig)`` from one run's flat settings."""
+    from gastune.training.config import DataConfig, GastuneConfig, ModelConfig
+
+    fields = _config_fields()
+    parts: dict[type, dict[str, Any]] = {ModelConfig: {}, DataConfig: {}, GastuneConfig: {}}
+    for key, value in settings.items():
+        parts[fields[key]][key] = value
+    return (
+        ModelConfig(**parts[ModelConfig]),
+        DataConfig(**parts[DataConfig]),
+        GastuneConfig(**parts[GastuneConfig]),
+    )

@@ -1,0 +1,298 @@
+"""Run a grid: train and evaluate each (method, seed), one result file per run, resumable.
+
+Each run trains through ``gastune.training.run.train`` and is scored on the grid's fixed
+validation sample; its result file (``<results>/<name>-seed<k>.json``, written atomically)
+holds the train loss curve, time per step, peak memory, per-task accuracy, GAST's selection
+frequency when the method has one, the run's settings and provenance. A run whose file
+exists is skipped, so a long grid can be run in pieces (``max_runs``) and resumed after an
+interruption. By default each run is a fresh subprocess, so that its peak memory is its own
+and a crash loses one run, not the grid.
+
+Example:
+    >>> grid = load_grid("benchmarks/commonsense_grid.yaml")  # doctest: +SKIP
+    >>> outcome = run_grid(grid, max_runs=2)  # doctest: +SKIP
+    >>> outcome.done, outcome.skipped, outcome.failed  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gastune.errors import GastuneError
+from gastune.experiments.grid import Grid, RunSpec, build_configs, grid_from_dict, load_grid  # noqa: F401
+from gastune.provenance import provenance, write_json
+
+logger = logging.getLogger(__name__)
+
+RESULT_KIND = "gastune-experiment-run"
+
+
+# ---- memory and time ---------------------------------------------------------------------------
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set (Linux ``clear_refs``); False where unsupported."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory since the last reset (``VmHWM``), else since the process started."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _meter():
+    """A Trainer callback timing each optimizer step and reading peak memory at the end."""
+    import torch
+    from transformers import TrainerCallback
+
+    class Meter(TrainerCallback):
+        def __init__(self):
+            self.step_times: list[float] = []
+            self.peak_rss: int | None = None
+            self.peak_cuda: int | None = None
+            self.rss_reset = False
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            # The model is loaded by now: the peak from here on is training's own.
+            self.rss_reset = reset_peak_rss()
+            if torch.cuda.is_available():
+                torch.cuda.reset_peak_memory_stats()
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.step_times.append(time.perf_counter() - self._t0)
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.peak_rss = peak_rss_bytes()
+            if torch.cuda.is_available():
+                self.peak_cuda = torch.cuda.max_memory_allocated()
+
+    return Meter()
+
+
+# ---- one run -------------------------------------------------------------------------------------
+
+
+def settings_hash(settings: dict[str, Any], evaluation: dict[str, Any]) -> str:
+    """A short fingerprint of what a run did, to notice results from different settings."""
+    text = json.dumps({"train": settings, "eval": evaluation}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _eval_records(grid: Grid) -> list[dict]:
+    spec = grid.eval
+    if spec.data == "commonsense":
+        from gastune.data.commonsense import load_commonsense
+
+        return load_commonsense(spec.split, tasks=spec.tasks, per_task=spec.per_task, seed=spec.seed)
+    path = Path(spec.data)
+    try:
+        text = path.read_text()
+        records = (
+            json.loads(text)
+            if path.suffix == ".json"
+            else [json.loads(x) for x in text.splitlines() if x.strip()]
+        )
+    except (OSError, ValueError) as exc:
+        raise GastuneError(f"cannot read evaluation records from '{path}': {exc}") from exc
+    if spec.tasks:
+        records = [r for r in records if r.get("task") in spec.tasks]
+    return records
+
+
+def _evaluate(grid: Grid, model, tokenizer, records: list[dict]):
+    spec = grid.eval
+    if spec.protocol == "generate":
+        from gastune.eval import evaluate_commonsense_generation
+
+        return evaluate_commonsense_generation(
+            model, tokenizer, records, spec.max_new_tokens, spec.num_beams, spec.batch_size, progress=False
+        )
+    from gastune.eval import evaluate_commonsense
+
+    return evaluate_commonsense(model, tokenizer, records, batch_size=spec.batch_size, progress=False)
+
+
+def _selection(method) -> dict[str, Any] | None:
+    """GAST's data × layer selection frequency over the kept masks (for the heatmap)."""
+    from gastune.training.methods import GastMethod
+    from gastune.viz import selection_frequency
+
+    if not isinstance(method, GastMethod) or not method.masks:
+        return None
+    return {
+        "frequency": selection_frequency(method.masks).tolist(),  # (N, L)
+        "masks": len(method.masks),
+        "first_step": method.masks[0][0],
+        "last_step": method.masks[-1][0],
+        "groups": [g.name for g in method.engine.groups] if method.engine is not None else None,
+    }
+
+
+def run_one(grid: Grid, run: RunSpec) -> dict[str, Any]:
+    """Train and evaluate one run in this process; write and return its result document."""
+    import torch
+    from transformers import set_seed
+
+    from gastune.training.run import train
+
+    if grid.threads:
+        torch.set_num_threads(grid.threads)
+    settings = grid.settings(run)
+    model_cfg, data_cfg, config = build_configs(settings)
+    records = _eval_records(grid)  # before training: a bad eval file fails in seconds
+    # train() builds the adapter before the Trainer seeds: seed here so that the adapter's
+    # initialisation, too, is the run's seed (and independent of earlier runs in the process).
+    set_seed(run.seed)
+    meter = _meter()
+    start = time.perf_counter()
+    trained = train(model_cfg, data_cfg, config, callbacks=[meter])
+    train_seconds = time.perf_counter() - start
+    state = trained.trainer.state
+    steps = max(state.global_step, 1)
+    start = time.perf_counter()
+    result = _evaluate(grid, trained.model, trained.tokenizer, records)
+    eval_seconds = time.perf_counter() - start
+    evaluation = {**grid.to_dict()["eval"], "n": len(records)}
+    document = {
+        "kind": RESULT_KIND,
+        "grid": grid.name,
+        "name": run.name,
+        "method": run.method,
+        "seed": run.seed,
+        "settings": settings,
+        "settings_hash": settings_hash(settings, grid.to_dict()["eval"]),
+        "train": {
+            "loss_curve": [
+                {"step": e["step"], "loss": e["loss"]}
+                for e in state.log_history
+                if "loss" in e and "step" in e
+            ],
+            "train_loss": trained.metrics.get("train_loss"),
+            "steps": state.global_step,
+            "train_seconds": train_seconds,
+            # All of training's wall time per step: periodic work (IST probes, GAST support
+            # passes, a Fisher pre-pass) counts, as it does for whoever pays for the run.
+            "seconds_per_step": trained.metrics.get("train_runtime", train_seconds) / steps,
+            "step_times_s": meter.step_times,
+            "peak_rss_bytes": meter.peak_rss,
+            "peak_rss_since": "train_begin" if meter.rss_reset else "process_start",
+            "peak_cuda_bytes": meter.peak_cuda,
+        },
+        "eval": {"settings": evaluation, "seconds": eval_seconds, "results": result.to_dict()},
+        "selection": _selection(trained.trainer.method),
+        **provenance(str(trained.trainer.args.device)),
+    }
+    write_json(grid.result_path(run), document)
+    logger.info(
+        "%s: average accuracy %.3f, %.2f s/step",
+        run.run_id,
+        result.average,
+        document["train"]["seconds_per_step"],
+    )
+    return document
+
+
+# ---- the grid ------------------------------------------------------------------------------------
+
+
+@dataclass
+class GridOutcome:
+    """Run ids done now, skipped (result file present), failed, and left for a later piece."""
+
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+
+
+def check_grid(grid: Grid) -> None:
+    """Build every run's configs now, so a typo fails before hours of training, not after."""
+    for run in grid.runs():
+        build_configs(grid.settings(run))
+
+
+def _run_subprocess(grid: Grid, run: RunSpec) -> bool:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(grid.to_dict(), handle)
+    try:
+        entry = "import sys; from gastune.experiments.runner import main; sys.exit(main(sys.argv[1:]))"
+        cmd = [sys.executable, "-c", entry, handle.name, run.name, str(run.seed)]
+        done = subprocess.run(cmd, check=False)  # its output streams to ours: progress stays visible
+    finally:
+        os.unlink(handle.name)
+    return done.returncode == 0 and grid.result_path(run).is_file()
+
+
+def run_grid(grid: Grid, isolate: bool = True, max_runs: int | None = None) -> GridOutcome:
+    """Run every run of ``grid`` that has no result file yet (at most ``max_runs`` of them).
+
+    ``isolate`` runs each in a fresh Python process (own peak memory; a crash loses one
+    run); ``isolate=False`` runs them here (faster to start; for tests and small grids).
+    """
+    check_grid(grid)
+    outcome = GridOutcome()
+    evaluation = grid.to_dict()["eval"]
+    for run in grid.runs():
+        path = grid.result_path(run)
+        if path.is_file():
+            outcome.skipped.append(run.run_id)
+            _warn_if_stale(path, settings_hash(grid.settings(run), evaluation))
+            continue
+        if max_runs is not None and len(outcome.done) + len(outcome.failed) >= max_runs:
+            outcome.pending.append(run.run_id)
+            continue
+        logger.info("run %s (%s, seed %d) ...", run.run_id, run.method, run.seed)
+        try:
+            ok = _run_subprocess(grid, run) if isolate else bool(run_one(grid, run))
+        except Exception:  # one failed run must not end a grid of many hours
+            logger.exception("run %s failed", run.run_id)
+            ok = False
+        (outcome.done if ok else outcome.failed).append(run.run_id)
+    return outcome
+
+
+def _warn_if_stale(path: Path, expected: str) -> None:
+    try:
+        found = json.loads(path.read_text()).get("settings_hash")
+    except (OSError, ValueError):
+        found = None
+    if found != expected:
+        logger.warning("%s was produced with other settings than the grid's now: delete it to re-run", path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Subprocess entry: ``main([GRID.json, NAME, SEED])`` runs that one run of the grid."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    grid_file, name, seed = argv if argv is not None else sys.argv[1:]
+    grid = grid_from_dict(json.loads(Path(grid_file).read_text()))
+    matches = [r for r in grid.runs() if r.name == name and r.seed == int(seed)]
+    if not matches:
+        raise SystemExit(f"no run {name}-seed{seed} in the grid")
+    run_one(grid, matches[0])
+    return 0

@@ -1,0 +1,154 @@
+"""Aggregate run result files: accuracy mean ± std over seeds, cost as ratios to LoRA.
+
+Pure data: ``load_runs`` reads whatever result files exist, ``summarize`` groups them by
+method entry name, and ``format_summary_table`` renders the markdown table. The std is the
+sample standard deviation over seeds (n - 1 in the denominator); with one seed it is
+``None`` and the table shows the mean alone.
+
+Example:
+    >>> summary = summarize(load_runs("docs/experiment/results"))  # doctest: +SKIP
+    >>> print(format_summary_table(summary))  # doctest: +SKIP
+    | method | seeds | boolq      | ... | average    | s/step | × LoRA | peak GiB | × LoRA |
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gastune.errors import GastuneError
+from gastune.eval.result import task_order
+from gastune.experiments.runner import RESULT_KIND
+
+logger = logging.getLogger(__name__)
+
+REFERENCE = "lora"  # cost ratios are taken against this entry
+
+
+def load_runs(results_dir: str | Path) -> list[dict[str, Any]]:
+    """Every run result document in ``results_dir`` (other JSON files are ignored), by name and seed."""
+    folder = Path(results_dir)
+    if not folder.is_dir():
+        raise GastuneError(f"no results folder '{folder}'")
+    runs = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            document = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            logger.warning("skipping unreadable %s: %s", path, exc)
+            continue
+        if isinstance(document, dict) and document.get("kind") == RESULT_KIND:
+            runs.append(document)
+    return sorted(runs, key=lambda r: (r["name"], r["seed"]))
+
+
+def mean_std(values: Sequence[float]) -> dict[str, Any]:
+    """``{"mean", "std", "n"}``; ``std`` is the sample std, ``None`` for a single value.
+
+    Example:
+        >>> mean_std([0.5, 0.7])
+        {'mean': 0.6, 'std': 0.1414213562373095, 'n': 2}
+    """
+    values = list(values)
+    if not values:
+        raise GastuneError("no values to average")
+    std = statistics.stdev(values) if len(values) > 1 else None
+    return {"mean": statistics.fmean(values), "std": std, "n": len(values)}
+
+
+def _ordered(names: set[str], order: Sequence[str] | None) -> list[str]:
+    order = list(order or [])
+    first = [n for n in order if n in names]
+    rest = sorted(n for n in names if n not in first)
+    if REFERENCE in rest:  # the reference leads when no order is given
+        rest.remove(REFERENCE)
+        rest.insert(0, REFERENCE)
+    return first + rest
+
+
+def summarize(
+    runs: Sequence[dict[str, Any]], order: Sequence[str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """Per method entry: seeds, per-task and average accuracy (mean/std), cost and its ratios.
+
+    Cost is the mean over seeds of seconds per optimizer step and of peak memory (CUDA peak
+    when measured, else peak RSS); ratios divide by the ``lora`` entry's means (``None``
+    without a LoRA result).
+    """
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(run["name"], []).append(run)
+    summary: dict[str, dict[str, Any]] = {}
+    for name in _ordered(set(groups), order):
+        members = groups[name]
+        results = [m["eval"]["results"] for m in members]
+        tasks = task_order({t for r in results for t in r["tasks"]})
+        train = [m["train"] for m in members]
+        memory = [t.get("peak_cuda_bytes") or t.get("peak_rss_bytes") for t in train]
+        losses = [t["train_loss"] for t in train if t.get("train_loss") is not None]
+        summary[name] = {
+            "method": members[0]["method"],
+            "seeds": [m["seed"] for m in members],
+            "tasks": {
+                t: mean_std([r["tasks"][t]["accuracy"] for r in results if t in r["tasks"]]) for t in tasks
+            },
+            "average": mean_std([r["average"] for r in results]),
+            "seconds_per_step": statistics.fmean(t["seconds_per_step"] for t in train),
+            "peak_memory_bytes": statistics.fmean(memory) if all(memory) else None,
+            "train_loss": mean_std(losses) if losses else None,
+        }
+    ref = summary.get(REFERENCE)
+    for entry in summary.values():
+        entry["time_ratio"] = entry["seconds_per_step"] / ref["seconds_per_step"] if ref else None
+        both = ref and entry["peak_memory_bytes"] and ref["peak_memory_bytes"]
+        entry["memory_ratio"] = entry["peak_memory_bytes"] / ref["peak_memory_bytes"] if both else None
+    return summary
+
+
+def _pct(stat: dict[str, Any] | None) -> str:
+    if stat is None:
+        return "-"
+    text = f"{100 * stat['mean']:.1f}"
+    return text if stat["std"] is None else f"{text} ± {100 * stat['std']:.1f}"
+
+
+def format_summary_table(summary: dict[str, dict[str, Any]]) -> str:
+    """Markdown: accuracy % (mean ± std over seeds) per task and on average, then the cost.
+
+    Example:
+        >>> print(format_summary_table(summarize(runs)))  # doctest: +SKIP
+    """
+    if not summary:
+        raise GastuneError("no results to tabulate")
+    tasks = task_order({t for s in summary.values() for t in s["tasks"]})
+    header = ["method", "seeds", *tasks, "average", "s/step", "× LoRA", "peak GiB", "× LoRA"]
+    rows = []
+    for name, s in summary.items():
+        memory = s["peak_memory_bytes"]
+        rows.append(
+            [
+                name,
+                str(len(s["seeds"])),
+                *(_pct(s["tasks"].get(t)) for t in tasks),
+                _pct(s["average"]),
+                f"{s['seconds_per_step']:.2f}",
+                "-" if s["time_ratio"] is None else f"{s['time_ratio']:.2f}",
+                "-" if memory is None else f"{memory / 2**30:.2f}",
+                "-" if s["memory_ratio"] is None else f"{s['memory_ratio']:.2f}",
+            ]
+        )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return (
+            "| "
+            + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+            + " |"
+        )
+
+    rule = "|" + "|".join("-" * (w + 1) + ":" if i else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in rows)])
