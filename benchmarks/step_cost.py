@@ -9,6 +9,10 @@ Run (CPU, embedded model, the issue's setting — about 15 min on 2 cores):
         --out docs/results/step_cost_cpu.json --readme
 GPU, randomly initialised LLaMA-7B shape in bf16:
     python benchmarks/step_cost.py --device cuda --shape llama-7b --bf16 --out docs/results/step_cost_gpu.json
+Baselines (any registered method; docs/methods.md):
+    python benchmarks/step_cost.py --methods lora,ist,rst,lisa,fisher,gast,gast+ist,maxloss,random-half,gradnorm,greats
+Fisher scores its layers during the warm-up step; IST's probe runs every 10 steps (ist_interval),
+so a run of fewer steps times IST without it (three gradient-free forwards of 16 rows per 10 steps).
 """
 
 from __future__ import annotations

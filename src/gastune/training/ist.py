@@ -1,4 +1,6 @@
-"""IST — Importance-aware Sparse Tuning (Yao et al., Findings of EMNLP 2024, arXiv 2410.11772).
+"""IST — Importance-aware Sparse Tuning (Yao et al., "Layer-wise Importance Matters: Less Memory
+for Better Performance in Parameter-efficient Fine-tuning of Large Language Models", Findings of
+EMNLP 2024, arXiv 2410.11772).
 
 Reproduces the official code (antgroup/importance-aware-sparse-tuning-IST-paper, ``ist.py``,
 a Trainer callback acting at ``on_step_begin``, i.e. once per optimizer step):
