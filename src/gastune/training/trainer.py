@@ -27,6 +27,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from gastune.engine.loss import per_sample_loss
 from gastune.training import checkpoint
 from gastune.training.methods import TrainingMethod, build_method
+from gastune.training.numerics import NonFiniteLoss, SampleGuard, zero_gradient_loss
 
 logger = logging.getLogger(__name__)
 
@@ -47,12 +48,18 @@ class GastuneMixin:
         self._method_ready = False
         self._method_state: dict | None = None  # restored from a checkpoint, applied after setup()
         self._staging_dir: str | None = None  # where _save_checkpoint is writing, while it is
+        self.sample_guard = SampleGuard()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
         outputs = model(**model_inputs)
-        loss = per_sample_loss(outputs.logits, labels).mean()
+        losses = per_sample_loss(outputs.logits, labels)  # (N,)
+        if self.sample_guard.active:
+            finite = torch.isfinite(losses.detach())
+            if not finite.all():  # before any backward: training_step re-runs without these rows
+                raise NonFiniteLoss((~finite).nonzero().flatten())
+        loss = losses.mean()
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
@@ -62,15 +69,37 @@ class GastuneMixin:
             if self._method_state is not None:  # …so a resumed state goes in after it
                 self.method.load_state_dict(self._method_state)
                 self._method_state = None
+        # See gastune.training.numerics: samples that cannot train are taken out of the step.
+        inputs = self.sample_guard.drop_no_target(inputs)
+        while True:
+            try:
+                return self._method_step(model, inputs, num_items_in_batch)
+            except NonFiniteLoss as bad:
+                inputs = self.sample_guard.drop_nonfinite(inputs, bad.rows)
+                # The re-run uses the unwrapped model: another forward of the DDP wrapper
+                # would start collectives (buffer broadcast) the other ranks never join.
+                model = self.accelerator.unwrap_model(model)
+                if inputs is None:
+                    self.accelerator.backward(zero_gradient_loss(model))
+                    return torch.zeros((), device=self.args.device)
 
+    def _method_step(self, model, inputs: dict[str, Any], num_items_in_batch) -> torch.Tensor:
         def run() -> torch.Tensor:
             return super(GastuneMixin, self).training_step(model, inputs, num_items_in_batch)
 
-        return self.method.training_step(self, model, inputs, run)
+        self.sample_guard.active = True
+        try:
+            loss = self.method.training_step(self, model, inputs, run)
+        finally:
+            self.sample_guard.active = False
+        engine = _selection_engine(self.method)
+        if engine is not None:
+            self.sample_guard.check_scores(engine.records, inputs["input_ids"].shape[0])
+        return loss
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:  # a training log: add what the method measured since the last one
-            logs = {**logs, **self.method.metrics()}
+            logs = {**logs, **self.method.metrics(), **self.sample_guard.metrics()}
         super().log(logs, *args, **kwargs)
 
     # ------------------------------------------------------------ checkpoints
@@ -141,6 +170,15 @@ class GastuneMixin:
             self.method.load_state_dict(state)
         else:
             self._method_state = state
+
+
+def _selection_engine(method):
+    """The GAST engine a method selects with (GAST itself, or wrapped as in gast+ist)."""
+    for candidate in (method, getattr(method, "inner", None)):
+        engine = getattr(candidate, "engine", None)
+        if engine is not None and hasattr(engine, "records"):
+            return engine
+    return None
 
 
 class GastuneTrainer(GastuneMixin, Trainer):

@@ -1,0 +1,305 @@
+"""Numerical safety: non-finite and target-less samples never train anything, and the edge
+cases of selection (all-equal scores, N = 1, K = N, a zero support gradient) do not crash.
+
+Trainer runs are one SGD step at a constant lr with clipping off, so parameters move by
+exactly -lr × gradient and can be checked against the slow reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from gastune.engine import GastEngine, GastSettings, per_sample_loss, support_gradients
+from gastune.engine.reference import reference_gast_gradients
+from gastune.training import GastuneConfig, GastuneTrainer
+from gastune.training.adapters import build_peft_config
+from tests.conftest import make_batch, tiny_model
+
+LR = 0.5
+POISON = 99  # a token whose (frozen) embedding is +inf: any sample holding it has a NaN loss
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+
+def model_with_head(poison: bool = True) -> torch.nn.Module:
+    """Tiny Llama + LoRA (non-zero B) with a trainable lm_head outside the blocks."""
+    model = tiny_model("llama", layers=2)
+    if poison:
+        with torch.no_grad():
+            model.get_input_embeddings().weight[POISON] = float("inf")
+    cfg = build_peft_config(model, r=2, alpha=4, dropout=0.0)
+    cfg.init_lora_weights = False
+    cfg.modules_to_save = ["lm_head"]
+    return get_peft_model(model, cfg)
+
+
+def rows(n: int = 4, poisoned: tuple[int, ...] = (), no_target: tuple[int, ...] = ()) -> list[dict]:
+    data = make_batch(n=n, t=8, seed=3)
+    data["input_ids"][data["input_ids"] == POISON] = 1
+    for i in poisoned:
+        data["input_ids"][i, 3] = POISON
+    for i in no_target:
+        data["labels"][i] = -100
+    return [{**{k: v[i] for k, v in data.items()}, "index": torch.tensor(i)} for i in range(n)]
+
+
+def collate(features):
+    return {k: torch.stack([f[k] for f in features]) for k in features[0]}
+
+
+def config(**overrides) -> GastuneConfig:
+    kwargs = dict(
+        output_dir="out",
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        learning_rate=LR,
+        per_device_train_batch_size=4,
+        remove_unused_columns=False,
+        max_steps=1,
+        logging_steps=1,
+        disable_tqdm=True,
+        seed=0,
+        gast_k=2,
+        gast_support="batch",
+    )
+    return GastuneConfig(**{**kwargs, **overrides})
+
+
+def train_recording(model, data, **overrides):
+    """One training step; returns the trainer, the inputs of each method call and the GAST
+    step seeds (a micro-batch that had to be re-run is called twice)."""
+    trainer = GastuneTrainer(model=model, args=config(**overrides), train_dataset=data, data_collator=collate)
+    calls, seeds = [], []
+    step = trainer.method.training_step
+
+    def recording(trainer_, model_, inputs, run):
+        calls.append({k: v.clone() for k, v in inputs.items()})
+        return step(trainer_, model_, inputs, run)
+
+    trainer.method.training_step = recording
+    engine_step = GastEngine.step
+
+    def recording_engine_step(self, batch_size, support=None, step_seed=0, **kwargs):
+        seeds.append(step_seed)
+        return engine_step(self, batch_size, support, step_seed, **kwargs)
+
+    GastEngine.step = recording_engine_step
+    try:
+        trainer.train()
+    finally:
+        GastEngine.step = engine_step
+    return trainer, calls, seeds
+
+
+def trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def dense_grads(model, batch) -> dict[str, torch.Tensor]:
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    loss = per_sample_loss(out.logits, batch["labels"]).mean()
+    return dict(zip([n for n, _ in named], torch.autograd.grad(loss, [p for _, p in named])))
+
+
+def last_log(trainer) -> dict:
+    return [h for h in trainer.state.log_history if "loss" in h][-1]
+
+
+# ------------------------------------------------------------ non-finite losses
+@pytest.mark.parametrize("method", ["gast", "lora"])
+def test_a_nan_sample_is_dropped_from_the_whole_step(method, caplog):
+    model = model_with_head()
+    before = copy.deepcopy(model)
+    full = collate(rows(poisoned=(2,)))
+    # Why dropping is needed: the plain batch mean poisons the head (0 × NaN = NaN) and more.
+    assert not torch.isfinite(
+        dense_grads(before, full)["base_model.model.lm_head.modules_to_save.default.weight"]
+    ).all()
+
+    with caplog.at_level(logging.WARNING):
+        trainer, calls, seeds = train_recording(model, rows(poisoned=(2,)), method=method)
+    # The micro-batch ran, hit the NaN loss before any backward, and was re-run without row 2.
+    assert len(calls) == 2 and 2 in calls[0]["index"].tolist()
+    kept = calls[1]
+    assert sorted(kept["index"].tolist()) == [0, 1, 3]
+    assert "non-finite loss" in caplog.text and "dataset rows [2]" in caplog.text
+    assert last_log(trainer)["numerics/nonfinite_samples"] == 1
+
+    if method == "gast":
+        ref = reference_gast_gradients(before, kept, config(method="gast").gast_settings(), None, seeds[-1])
+        names = {id(p): n for n, p in before.named_parameters()}
+        expected = {names[k]: g for k, g in ref.items()}
+        mask = trainer.method.masks[-1][1]
+        assert mask.shape[0] == 3  # the selection ran over the three finite samples only
+    else:
+        expected = dense_grads(before, kept)
+    after = trainable(model)
+    assert set(after) == set(expected)
+    for name, grad in expected.items():
+        assert torch.isfinite(after[name]).all(), name
+        torch.testing.assert_close(after[name], before.get_parameter(name) - LR * grad, rtol=1e-5, atol=1e-6)
+
+
+def test_every_sample_nan_skips_the_step():
+    model = model_with_head()
+    before = trainable(model)
+    trainer, calls, _ = train_recording(model, rows(poisoned=(0, 1, 2, 3)), method="gast")
+    assert len(calls) == 1  # nothing left to re-run: a zero-gradient step instead
+    assert all(torch.equal(p, before[n]) for n, p in trainable(model).items())
+    log = last_log(trainer)
+    assert log["numerics/nonfinite_samples"] == 4 and log["loss"] == 0.0
+
+
+def test_a_nan_gradient_with_a_finite_loss_is_never_selected():
+    """Row 1's gradient turns NaN on its way back through the top block (its loss is fine):
+    GAST gives it a NaN score in every block, never picks it, and counts it."""
+    model = model_with_head(poison=False)
+    bad_row = 1
+    blocks = model.base_model.model.model.layers
+
+    def inject(module, args, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.requires_grad and hidden.shape[0] == 4:  # the training pass, not the support pass
+
+            def to_nan(grad):
+                grad = grad.clone()
+                grad[bad_row] = float("nan")
+                return grad
+
+            hidden.register_hook(to_nan)
+
+    blocks[-1].register_forward_hook(inject)
+    trainer, _, _ = train_recording(
+        model, rows(), method="gast", gast_support="train", gast_support_size=3, max_steps=3
+    )
+    for _, mask in trainer.method.masks:
+        assert not mask[bad_row].any(), "the NaN-gradient sample was selected"
+        assert (mask.sum(dim=0) == 2).all()  # the other three still fill k = 2 per block
+    assert sum(h["numerics/nonfinite_grad_samples"] for h in trainer.state.log_history if "loss" in h) == 3
+    assert all(torch.isfinite(p).all() for n, p in trainable(model).items() if ".layers." in n)
+
+
+# ------------------------------------------------------------ samples with no target token
+def test_samples_without_targets_would_be_drawn_by_the_engine():
+    """Why the trainer removes them: their gradient is exactly zero, so their score is 0 —
+    a middling score that softmax sampling draws ahead of negatively aligned real samples."""
+    model = model_with_head(poison=False)
+    batch = collate(rows(n=6, no_target=(4,)))
+    engine = GastEngine(model, GastSettings(k=3)).attach()
+    drawn = 0
+    for seed in range(10):
+        with engine.step(6, None, seed):
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            per_sample_loss(out.logits, batch["labels"]).mean().backward()
+        assert all(r.scores[4] == 0.0 for r in engine.records)
+        drawn += sum(4 in r.chosen for r in engine.records)
+    engine.detach()
+    assert drawn > 0
+
+
+def test_samples_without_targets_are_skipped_by_the_trainer(caplog):
+    model = model_with_head(poison=False)
+    before = copy.deepcopy(model)
+    with caplog.at_level(logging.WARNING):
+        trainer, calls, seeds = train_recording(model, rows(no_target=(0,)), method="gast")
+    assert len(calls) == 1 and sorted(calls[0]["index"].tolist()) == [1, 2, 3]
+    assert "no target token (dataset rows [0])" in caplog.text
+    assert last_log(trainer)["numerics/no_target_samples"] == 1
+    # k=2 of a 4-row batch keeps its share of the 3 rows left: round(2·3/4) = 2.
+    assert (trainer.method.masks[-1][1].sum(dim=0) == 2).all()
+    ref = reference_gast_gradients(before, calls[0], config().gast_settings(), None, seeds[0])
+    names = {id(p): n for n, p in before.named_parameters()}
+    for key, grad in ref.items():
+        name = names[key]
+        expected = before.get_parameter(name) - LR * grad
+        torch.testing.assert_close(model.get_parameter(name), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_batch_with_no_target_at_all_trains_nothing_and_does_not_crash():
+    model = model_with_head(poison=False)
+    before = trainable(model)
+    trainer, calls, _ = train_recording(model, rows(no_target=(0, 1, 2, 3)), method="gast")
+    assert len(calls) == 1 and calls[0]["input_ids"].shape[0] == 4  # nothing better to keep
+    assert all(torch.equal(p, before[n]) for n, p in trainable(model).items())
+    assert last_log(trainer)["loss"] == 0.0
+
+
+# ------------------------------------------------------------ selection edge cases (engine)
+def engine_step(model, batch, k, support_batch=None, seed=3):
+    engine = GastEngine(model, GastSettings(k=k)).attach()
+    support = (
+        None if support_batch is None else support_gradients(model, support_batch, engine.block_parameters)
+    )
+    model.zero_grad(set_to_none=True)
+    n = batch["input_ids"].shape[0]
+    with engine.step(n, support, seed):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        per_sample_loss(out.logits, batch["labels"]).mean().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    records = engine.records
+    engine.detach()
+    return grads, records
+
+
+def test_zero_support_gradient_gives_all_equal_scores_and_a_uniform_draw():
+    model = model_with_head(poison=False)
+    support = make_batch(n=2, seed=9)
+    support["labels"][:] = -100  # no target: the support gradient is exactly zero
+    batch = make_batch(n=6, seed=1)
+    grads, records = engine_step(model, batch, k=3, support_batch=support)
+    assert all(r.scores == [0.0] * 6 and len(r.chosen) == 3 for r in records)
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    # All-equal standardised scores are zeros: softmax is uniform, every sample as likely.
+    counts = torch.zeros(6)
+    for seed in range(60):
+        for r in engine_step(model, batch, k=3, support_batch=support, seed=seed)[1]:
+            counts[r.chosen] += 1
+    assert counts.min() > 0.6 * counts.mean(), counts
+
+
+def test_a_single_sample_batch_with_k_1_is_its_own_gradient():
+    model = model_with_head(poison=False)
+    batch = make_batch(n=1, seed=1)
+    grads, records = engine_step(model, batch, k=1, support_batch=make_batch(n=2, seed=9))
+    assert all(r.chosen == [0] for r in records)
+    expected = dense_grads(model, batch)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, expected[name], rtol=1e-5, atol=1e-7)
+
+
+def test_k_equal_to_the_batch_is_dense_training():
+    model = model_with_head(poison=False)
+    batch = make_batch(n=5, seed=1)
+    grads, records = engine_step(model, batch, k=5)
+    assert all(r.chosen == [0, 1, 2, 3, 4] for r in records)
+    expected = dense_grads(model, batch)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, expected[name], rtol=1e-5, atol=1e-7)
+
+
+def test_batch_of_one_and_k_equal_n_through_the_trainer():
+    for batch_size, k in [(1, 1), (4, 4)]:
+        model = model_with_head(poison=False)
+        before = copy.deepcopy(model)
+        _, calls, _ = train_recording(
+            model, rows(), method="gast", per_device_train_batch_size=batch_size, gast_k=k
+        )
+        expected = dense_grads(before, calls[0])  # every sample selected = the plain mean
+        for name, grad in expected.items():
+            torch.testing.assert_close(
+                model.get_parameter(name), before.get_parameter(name) - LR * grad, rtol=1e-5, atol=1e-6
+            )
