@@ -97,9 +97,9 @@ def main(outdir: str) -> None:
 
     engine_step = GastEngine.step
 
-    def recording_engine_step(self, batch_size, support=None, step_seed=0):
+    def recording_engine_step(self, batch_size, support=None, step_seed=0, **kwargs):
         seen["seeds"].append(step_seed)
-        return engine_step(self, batch_size, support, step_seed)
+        return engine_step(self, batch_size, support, step_seed, **kwargs)
 
     method.training_step, method._support_batch = recording_step, recording_support
     GastEngine.step = recording_engine_step
