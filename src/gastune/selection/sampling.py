@@ -105,12 +105,13 @@ def alignment_scores(
     sq = torch.zeros(n, dtype=torch.float64, device=per_sample[0].device)
     support_sq = torch.zeros((), dtype=torch.float64, device=per_sample[0].device)
     for g, s in zip(per_sample, support, strict=True):
-        g = g.reshape(n, -1).double()
-        s = s.reshape(-1).double().to(g.device)
-        dot += g @ s
+        # fp32 matmul per tensor (no float64 copy of N × |θ_l| values), float64 across tensors
+        g = g.reshape(n, -1).float()
+        s = s.reshape(-1).float().to(g.device)
+        dot += (g @ s).double()
         if score == "cosine":
-            sq += (g * g).sum(dim=1)
-            support_sq += (s * s).sum()
+            sq += (g * g).sum(dim=1).double()
+            support_sq += (s * s).sum().double()
     if score == "dot":
         return dot
     return dot / (sq.sqrt() * support_sq.sqrt()).clamp_min(1e-30)
