@@ -131,7 +131,7 @@ def test_choice_is_per_optimizer_step_under_gradient_accumulation():
 @pytest.mark.parametrize("method", ["rst", "ist"])
 def test_same_seed_gives_the_same_selections(method):
     def run(seed):
-        trainer = trainer_for(method, max_steps=6, seed=seed, ist_interval=2, ist_probe_batch=4)
+        trainer = trainer_for(method, max_steps=4, seed=seed, ist_interval=2, ist_probe_batch=4)
         trainer.train()
         scores = getattr(trainer.method.policy, "scores", None)
         return trainer.method.history, scores

@@ -291,7 +291,8 @@ def diagonal_fisher(
 
 
 class FisherLayers:
-    """The top-k layers by diagonal-Fisher score, computed once in ``setup``, fixed afterwards."""
+    """The top-k layers by diagonal-Fisher score, computed once at the first training step
+    (before anything is frozen), fixed afterwards."""
 
     name = "fisher"
 
@@ -305,27 +306,29 @@ class FisherLayers:
 
     def setup(self, trainer, model, freezer: LayerFreezer) -> None:
         try:
-            k = count_or_fraction(self.layers, freezer.n_layers)
+            self.k = count_or_fraction(self.layers, freezer.n_layers)
         except ValueError as exc:
             raise GastuneError(f"fisher_layers: {exc}") from None
-        if self.chosen is not None:  # restored from a checkpoint
-            return
-        rows = RowSource(trainer, trainer.train_dataset, "Fisher")
-        generator = torch.Generator().manual_seed(self.seed * 1000 + FISHER_SEED_OFFSET)
-        self.indices = torch.randperm(len(rows), generator=generator)[: self.samples].tolist()
-        batches = (rows.batch([i]) for i in self.indices)
-        fisher = diagonal_fisher(model, batches, freezer.per_block, trainer.compute_loss_context_manager)
-        self.scores = fisher_layer_scores(fisher)
-        self.chosen = top_layers(self.scores, k)
-        logger.info(
-            "fisher: training layers %s of %d (scores %s)",
-            self.chosen.tolist(),
-            freezer.n_layers,
-            self.scores.tolist(),
-        )
+        self.freezer = freezer
+        self.rows = RowSource(trainer, trainer.train_dataset, "Fisher")
 
     def choose(self, trainer, model, step: int) -> torch.Tensor:
-        assert self.chosen is not None
+        # Scored at the first training step (before anything is frozen), unless a resumed
+        # checkpoint already brought the choice along.
+        if self.chosen is None:
+            generator = torch.Generator().manual_seed(self.seed * 1000 + FISHER_SEED_OFFSET)
+            self.indices = torch.randperm(len(self.rows), generator=generator)[: self.samples].tolist()
+            batches = (self.rows.batch([i]) for i in self.indices)
+            context = trainer.compute_loss_context_manager
+            fisher = diagonal_fisher(model, batches, self.freezer.per_block, context)
+            self.scores = fisher_layer_scores(fisher)
+            self.chosen = top_layers(self.scores, self.k)
+            logger.info(
+                "fisher: training layers %s of %d (scores %s)",
+                self.chosen.tolist(),
+                self.freezer.n_layers,
+                self.scores.tolist(),
+            )
         return self.chosen
 
     def metrics(self) -> dict[str, float]:

@@ -61,8 +61,12 @@ class ShuffledBatches:
         return picks
 
     def state_dict(self) -> dict[str, Any]:
-        return {"order": list(self.order), "position": self.position, "generator": self.generator.get_state()}
+        return {
+            "order": torch.tensor(self.order, dtype=torch.long),
+            "position": self.position,
+            "generator": self.generator.get_state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.order, self.position = list(state["order"]), state["position"]
+        self.order, self.position = state["order"].tolist(), state["position"]
         self.generator.set_state(state["generator"])
