@@ -165,6 +165,9 @@ def test_one_result_file_per_run_and_resume(assets, tmp_path, monkeypatch):
         "arc_easy",
     }
     assert lora["git"]["commit"] and lora["machine"]["device"] == "cpu" and lora["date"]
+    assert len(lora["eval"]["predicted"]) == 6 and sum(lora["eval"]["correct"]) == sum(
+        s["correct"] for s in lora["eval"]["results"]["tasks"].values()
+    )
     assert lora["selection"] is None
     frequency = torch.tensor(gast["selection"]["frequency"])
     assert frequency.shape == (4, len(gast["selection"]["groups"])) and gast["selection"]["masks"] == 2
@@ -327,9 +330,13 @@ def test_cli_bench_runs_reports_and_rebuilds(assets, tmp_path, capsys):
     config = tmp_path / "grid.yaml"
     config.write_text(yaml.safe_dump(grid_dict(assets, tmp_path, methods=["lora", "gast"], seeds=[0])))
     argv = ["bench", "--config", str(config), "--in-process"]
-    assert main([*argv, "--methods", "gast", "--set", "max_steps=1"]) == 0
+    generate = ["--eval-set", "protocol=generate", "--eval-set", "max_new_tokens=2"]
+    assert main([*argv, "--methods", "gast", "--set", "max_steps=1", *generate]) == 0
     out = capsys.readouterr().out
     assert "runs done now 1" in out and "| gast" in out and "| lora" not in out
+    result = json.loads((tmp_path / "results" / "gast-seed0.json").read_text())
+    assert result["settings"]["max_steps"] == 1 and result["eval"]["settings"]["protocol"] == "generate"
+    assert result["eval"]["results"]["rule"] == "greedy"
     assert main(["bench", "--config", str(config), "--dry-run"]) == 0
     listing = capsys.readouterr().out
     assert "gast-seed0" in listing and "done" in listing and "lora-seed0" in listing and "to do" in listing

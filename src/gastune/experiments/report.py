@@ -95,8 +95,9 @@ def build_report(
     figures = [f"![{name}]({path.name})" for name, path in paths.items()]
     text = "\n\n".join(
         [
-            "Accuracy in % (mean ± sample std over seeds); time per optimizer step and peak memory are "
-            "means over seeds, with their ratios to LoRA.",
+            "Accuracy in % (mean ± sample std over seeds); time per optimizer step and peak memory "
+            "(CUDA memory allocated where measured, else the process's resident set) are means over "
+            "seeds, with their ratios to LoRA.",
             "\n".join(f"- {line}" for line in caption),
             table,
             "\n".join(figures),

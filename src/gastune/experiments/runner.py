@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from gastune.errors import GastuneError
-from gastune.experiments.grid import Grid, RunSpec, build_configs, grid_from_dict, load_grid  # noqa: F401
+from gastune.experiments.grid import Grid, RunSpec, build_configs, grid_from_dict
 from gastune.provenance import provenance, write_json
 
 logger = logging.getLogger(__name__)
@@ -204,7 +204,15 @@ def run_one(grid: Grid, run: RunSpec) -> dict[str, Any]:
             "peak_rss_since": "train_begin" if meter.rss_reset else "process_start",
             "peak_cuda_bytes": meter.peak_cuda,
         },
-        "eval": {"settings": evaluation, "seconds": eval_seconds, "results": result.to_dict()},
+        "eval": {
+            "settings": evaluation,
+            "seconds": eval_seconds,
+            "results": {**result.to_dict(), "predictions": []},
+            # Per question, in the sample's order: enough for paired comparisons between
+            # methods, at a fraction of the size of every candidate's log-probabilities.
+            "predicted": [p.predicted for p in result.predictions],
+            "correct": [p.correct for p in result.predictions],
+        },
         "selection": _selection(trained.trainer.method),
         **provenance(str(trained.trainer.args.device)),
     }
