@@ -50,8 +50,8 @@ def mean_std(values: Sequence[float]) -> dict[str, Any]:
     """``{"mean", "std", "n"}``; ``std`` is the sample std, ``None`` for a single value.
 
     Example:
-        >>> mean_std([0.5, 0.7])
-        {'mean': 0.6, 'std': 0.1414213562373095, 'n': 2}
+        >>> mean_std([1.0, 2.0, 3.0])
+        {'mean': 2.0, 'std': 1.0, 'n': 3}
     """
     values = list(values)
     if not values:
