@@ -183,3 +183,18 @@ def test_rotation_and_best_checkpoint_point_at_published_folders(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [f"checkpoint-{STEPS}"]
     assert not any("tmp-" in str(p) for p in out.rglob("*"))
     assert trainer.state.best_model_checkpoint is None  # no eval metric: nothing to track
+
+
+def test_resume_values_from_the_command_line(uninterrupted, tmp_path):
+    from gastune.errors import GastuneError
+    from gastune.training.checkpoint import resolve_resume
+
+    out = uninterrupted["gast"][0]
+    for value in ("true", "last", True):
+        assert resolve_resume(value, out) == str(out / "checkpoint-6")
+    assert resolve_resume(None, out) is None and resolve_resume("false", out) is None
+    assert resolve_resume(str(out / "checkpoint-3"), out) == str(out / "checkpoint-3")
+    with pytest.raises(GastuneError, match="no checkpoint-N folder"):
+        resolve_resume("true", tmp_path)
+    with pytest.raises(GastuneError, match="does not exist"):
+        resolve_resume(str(tmp_path / "nope"), out)

@@ -24,7 +24,8 @@ def run(args) -> int:
 
     model_cfg, data_cfg, config = parse_train_args(args.argv)
     result = train(model_cfg, data_cfg, config)
-    print(
-        f"saved the {config.method} adapter to {config.output_dir}; train loss {result.metrics.get('train_loss', float('nan')):.4f}"
-    )
+    if result.trainer.is_world_process_zero():  # one line for the run, not one per rank
+        print(
+            f"saved the {config.method} adapter to {config.output_dir}; train loss {result.metrics.get('train_loss', float('nan')):.4f}"
+        )
     return 0

@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers.trainer_utils import get_last_checkpoint
+
+from gastune.errors import GastuneError
 
 logger = logging.getLogger(__name__)
 
@@ -87,3 +90,19 @@ def publish(staged: str | os.PathLike, final: str | os.PathLike) -> None:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     shutil.rmtree(staged.parent, ignore_errors=True)  # the now empty staging root
+
+
+def resolve_resume(resume: str | bool | None, output_dir: str | os.PathLike) -> str | None:
+    """The checkpoint folder to resume from: ``True``/``"true"``/``"last"`` mean the last
+    complete checkpoint in ``output_dir`` (as on the command line, where every value is a
+    string); a path must be an existing folder. Raises ``GastuneError`` otherwise."""
+    if resume is None or resume is False or (isinstance(resume, str) and resume.lower() in ("", "false")):
+        return None
+    if resume is True or resume.lower() in ("true", "last"):
+        last = get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
+        if last is None:
+            raise GastuneError(f"resume_from_checkpoint: no checkpoint-N folder in {output_dir}")
+        return last
+    if not Path(resume).is_dir():
+        raise GastuneError(f"resume_from_checkpoint: checkpoint folder '{resume}' does not exist")
+    return str(resume)

@@ -22,9 +22,11 @@ from typing import Any
 
 import torch
 from transformers import Trainer
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from gastune.engine.loss import per_sample_loss
+from gastune.errors import GastuneError
 from gastune.training import checkpoint
 from gastune.training.methods import TrainingMethod, build_method
 from gastune.training.numerics import NonFiniteLoss, SampleGuard, zero_gradient_loss
@@ -49,6 +51,7 @@ class GastuneMixin:
         self._method_state: dict | None = None  # restored from a checkpoint, applied after setup()
         self._staging_dir: str | None = None  # where _save_checkpoint is writing, while it is
         self.sample_guard = SampleGuard()
+        check_sharding(self)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
@@ -103,6 +106,10 @@ class GastuneMixin:
         super().log(logs, *args, **kwargs)
 
     # ------------------------------------------------------------ checkpoints
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        resume = checkpoint.resolve_resume(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume, *args, **kwargs)
+
     def _get_output_dir(self, trial) -> str:
         # While a checkpoint is being written, the Trainer writes into the staging folder.
         return self._staging_dir if self._staging_dir is not None else super()._get_output_dir(trial)
@@ -170,6 +177,28 @@ class GastuneMixin:
             self.method.load_state_dict(state)
         else:
             self._method_state = state
+
+
+def check_sharding(trainer) -> None:
+    """Refuse sparse methods under parameter sharding (FSDP, DeepSpeed ZeRO-3).
+
+    The GAST engine keys per-sample gradients by parameter identity and delivers whole
+    gradients through each block's gate; FSDP and ZeRO-3 swap parameters between sharded
+    and gathered copies. That combination is untested (docs/distributed.md), so it fails
+    loudly rather than training wrong. Dense LoRA/DoRA are plain Trainer training.
+    """
+    if type(trainer.method) is TrainingMethod:
+        return
+    sharded = None
+    if getattr(trainer, "is_fsdp_enabled", False):
+        sharded = "FSDP"
+    elif getattr(trainer, "is_deepspeed_enabled", False) and is_deepspeed_zero3_enabled():
+        sharded = "DeepSpeed ZeRO-3"
+    if sharded:
+        raise GastuneError(
+            f"method '{trainer.method.name}' does not support {sharded} (parameter sharding); "
+            "use data parallel (configs/accelerate/ddp_*.yaml) or DeepSpeed ZeRO-2, or a dense method"
+        )
 
 
 def _selection_engine(method):

@@ -1,0 +1,265 @@
+"""The recipes of docs/distributed.md: ``accelerate launch`` data parallel on 2 CPU
+processes through the real CLI, GAST under bf16 autocast and under gradient checkpointing,
+and the refusal of parameter sharding (FSDP / ZeRO-3) for sparse methods.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import get_peft_model
+
+from gastune.engine import GastEngine, per_sample_loss
+from gastune.errors import GastuneError
+from gastune.training import GastuneConfig, GastuneTrainer, TrainingMethod
+from gastune.training.adapters import build_peft_config
+from gastune.training.trainer import check_sharding
+from tests.conftest import make_batch, tiny_model
+
+REPO = Path(__file__).resolve().parents[2]
+LR = 0.5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------ accelerate launch, 2 CPU ranks
+def _tiny_model_folder(folder: Path, poison_words: str) -> None:
+    """A 2-layer Llama with the real tokenizer; the tokens of ``poison_words`` get a +inf
+    embedding, so a record holding them has a NaN loss."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gastune.models import load_tokenizer
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+    poison = set(tokenizer(poison_words, add_special_tokens=False)["input_ids"])
+    clean = set(tokenizer("What is 0123456789 plus? . ", add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        model.get_input_embeddings().weight[sorted(poison - clean)] = float("inf")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def test_accelerate_ddp_cpu_recipe_trains_saves_and_survives_a_nan_sample(tmp_path):
+    """The documented command, 2 steps on 2 CPU ranks, batch 4 per rank: the 16 records are
+    one epoch, so each rank meets its own half, including the two poisoned records."""
+    _tiny_model_folder(tmp_path / "model", " Zebra quagga")
+    records = [{"prompt": f"What is {i} plus {i}?", "completion": f" {2 * i}."} for i in range(16)]
+    records[5]["prompt"] = "What is Zebra quagga?"
+    records[12]["completion"] = " Zebra quagga."
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO / "configs/accelerate/ddp_cpu.yaml"),
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "gastune.cli.main",
+        "train",
+        *("--use_cpu", "true", "--model", str(tmp_path / "model"), "--data", str(data)),
+        *("--method", "gast", "--gast_k", "2", "--gast_support", "batch"),
+        *("--per_device_train_batch_size", "4", "--max_steps", "2", "--save_steps", "2"),
+        *("--lora_r", "2", "--lora_alpha", "4", "--output_dir", str(out), "--report_to", "none"),
+        *("--seed", "0", "--dataloader_drop_last", "true", "--disable_tqdm", "true"),
+    ]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+
+    # Both ranks reached the final checkpoint: each wrote its RNG and GAST generator states.
+    ckpt = out / "checkpoint-2"
+    for rank in (0, 1):
+        assert (ckpt / f"rng_state_{rank}.pth").is_file()
+        assert (ckpt / f"gastune_method_state_{rank}.pt").is_file()
+    states = [torch.load(ckpt / f"gastune_method_state_{r}.pt") for r in (0, 1)]
+    assert not torch.equal(states[0]["select_gen"], states[1]["select_gen"])  # each rank draws its own
+    assert json.loads((ckpt / "trainer_state.json").read_text())["global_step"] == 2
+    assert (out / "adapter_model.safetensors").is_file() and (out / "gastune_config.json").is_file()
+    assert log.count("saved the gast adapter") == 1  # printed by rank 0 only
+
+    # The two poisoned records were dropped where they fell (no rank hung in a collective),
+    # and the adapter is finite.
+    dropped = [int(n) for n in re.findall(r"dropped (\d+) of \d+ samples with a non-finite loss", log)]
+    assert sum(dropped) == 2, log[-4000:]
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(out / "adapter_model.safetensors").values())
+
+
+# ------------------------------------------------------------ bf16 and checkpointing
+def lora_model() -> torch.nn.Module:
+    model = tiny_model("llama", layers=2)
+    cfg = build_peft_config(model, r=2, alpha=4, dropout=0.0)
+    cfg.init_lora_weights = False
+    return get_peft_model(model, cfg)
+
+
+def dataset(n: int = 16) -> list[dict[str, torch.Tensor]]:
+    data = make_batch(n=n, t=8, seed=3)
+    return [{**{k: v[i] for k, v in data.items()}, "index": torch.tensor(i)} for i in range(n)]
+
+
+def collate(features):
+    return {k: torch.stack([f[k] for f in features]) for k in features[0]}
+
+
+def config(out: Path, **overrides) -> GastuneConfig:
+    kwargs = dict(
+        output_dir=str(out),
+        method="gast",
+        gast_k=2,
+        gast_support="train",
+        gast_support_size=3,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        learning_rate=LR,
+        per_device_train_batch_size=4,
+        dataloader_drop_last=True,
+        remove_unused_columns=False,
+        max_steps=1,
+        disable_tqdm=True,
+        seed=0,
+    )
+    return GastuneConfig(**{**kwargs, **overrides})
+
+
+def per_sample_grads(model, batch, params) -> list[torch.Tensor]:
+    """fp32 per-sample gradients, one sample at a time: ``(N, *p.shape)`` per parameter."""
+    rows = []
+    for i in range(batch["input_ids"].shape[0]):
+        out = model(
+            input_ids=batch["input_ids"][i : i + 1], attention_mask=batch["attention_mask"][i : i + 1]
+        )
+        loss = per_sample_loss(out.logits, batch["labels"][i : i + 1]).mean()
+        rows.append(torch.autograd.grad(loss, params))
+    return [torch.stack(g) for g in zip(*rows)]
+
+
+def test_gast_step_under_bf16_autocast_matches_the_fp32_reference(tmp_path):
+    model = lora_model()
+    before = copy.deepcopy(model)
+    trainer = GastuneTrainer(
+        model=model, args=config(tmp_path, bf16=True), train_dataset=dataset(), data_collator=collate
+    )
+    seen = {}
+    step = trainer.method.training_step
+
+    def recording(trainer_, model_, inputs, run):
+        seen["inputs"] = inputs
+        loss = step(trainer_, model_, inputs, run)
+        seen["records"] = list(trainer.method.engine.records)
+        return loss
+
+    trainer.method.training_step = recording
+    dtypes = []
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    q_proj.register_forward_hook(lambda m, a, out: dtypes.append(out.dtype))
+    trainer.train()
+    assert dtypes and set(dtypes) == {torch.bfloat16}, "the step did not run under bf16 autocast"
+
+    # Reference: fp32 per-sample gradients of the same micro-batch, averaged over the samples
+    # the bf16 step chose in each block (the choice itself may differ at bf16 resolution).
+    # bf16 keeps ~3 significant digits, so the update is within a few percent of fp32 — and
+    # no further from it than plain bf16 autograd (the same samples, one at a time).
+    engine = GastEngine(before)
+    batch = seen["inputs"]
+    names = {id(p): n for n, p in before.named_parameters()}
+    for record in seen["records"]:
+        params = engine.groups[record.group].params
+        fp32 = per_sample_grads(before, batch, params)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = per_sample_grads(before, batch, params)
+        assert len(record.chosen) == 2
+        for p, g32, g16 in zip(params, fp32, bf16):
+            expected = g32[record.chosen].mean(dim=0)
+            applied = (before.get_parameter(names[id(p)]) - model.get_parameter(names[id(p)])) / LR
+            err = ((applied - expected).norm() / expected.norm()).item()
+            autograd_err = (
+                (g16[record.chosen].mean(dim=0).float() - expected).norm() / expected.norm()
+            ).item()
+            assert err < 5e-2, f"{names[id(p)]}: relative error {err:.3g}"
+            assert err <= 1.25 * autograd_err + 1e-3, (
+                f"{names[id(p)]}: {err:.3g} vs autograd {autograd_err:.3g}"
+            )
+
+
+def test_gradient_checkpointing_through_the_trainer_equals_the_plain_run(tmp_path):
+    results = []
+    for checkpointing in (False, True):
+        model = lora_model()
+        args = config(tmp_path / str(checkpointing), gradient_checkpointing=checkpointing, max_steps=3)
+        trainer = GastuneTrainer(model=model, args=args, train_dataset=dataset(), data_collator=collate)
+        trainer.train()
+        assert model.base_model.model.is_gradient_checkpointing == checkpointing
+        params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((params, [m for _, m in trainer.method.masks]))
+    (plain, plain_masks), (ckpt, ckpt_masks) = results
+    assert all(torch.equal(a, b) for a, b in zip(plain_masks, ckpt_masks))
+    for name in plain:
+        torch.testing.assert_close(ckpt[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
+# ------------------------------------------------------------ sharding
+@pytest.mark.parametrize("backend", ["fsdp", "zero3"])
+def test_sparse_methods_refuse_parameter_sharding(backend, tmp_path, monkeypatch):
+    """FSDP/ZeRO-3 cannot run here (no GPU, no DeepSpeed): the check is fed their flags."""
+    trainer = GastuneTrainer(
+        model=lora_model(), args=config(tmp_path), train_dataset=dataset(), data_collator=collate
+    )
+    if backend == "fsdp":
+        monkeypatch.setattr(trainer, "is_fsdp_enabled", True)
+    else:
+        monkeypatch.setattr(trainer, "is_deepspeed_enabled", True)
+        monkeypatch.setattr("gastune.training.trainer.is_deepspeed_zero3_enabled", lambda: True)
+    with pytest.raises(GastuneError, match=r"does not support (FSDP|DeepSpeed ZeRO-3)"):
+        check_sharding(trainer)
+    monkeypatch.setattr(trainer, "method", TrainingMethod())  # dense LoRA: plain Trainer training
+    check_sharding(trainer)
+
+
+def test_shipped_launch_configs_are_well_formed():
+    for name in ("ddp_cpu", "ddp_gpu", "deepspeed_zero2"):
+        cfg = yaml.safe_load((REPO / f"configs/accelerate/{name}.yaml").read_text())
+        assert cfg["num_processes"] >= 2 and cfg["distributed_type"] in ("MULTI_GPU", "DEEPSPEED")
+    ds_path = cfg["deepspeed_config"]["deepspeed_config_file"]
+    assert json.loads((REPO / ds_path).read_text())["zero_optimization"]["stage"] == 2
+    fsdp = yaml.safe_load((REPO / "configs/fsdp/fsdp2_lora.yaml").read_text())
+    assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp_config"]["fsdp_version"] == 2
