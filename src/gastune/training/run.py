@@ -14,6 +14,8 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from transformers import set_seed
+
 from gastune.errors import GastuneError
 from gastune.models import find_decoder_blocks, load_model, load_tokenizer
 from gastune.training.adapters import apply_adapter
@@ -92,6 +94,8 @@ def train(
         support = build_dataset(
             load_training_records(data_cfg, source=data_cfg.support_data), tokenizer, data_cfg
         )
+    # Seed before the adapter is created: its initialisation (LoRA's A) must follow --seed too.
+    set_seed(config.seed)
     model = load_model(model_cfg.model)
     find_decoder_blocks(model)  # fail early, with a clear message, on a model without decoder layers
     model = apply_adapter(

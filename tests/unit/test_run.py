@@ -1,0 +1,56 @@
+"""train(): the adapter's initialisation follows the seed."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from gastune.models import load_tokenizer
+from gastune.training import DataConfig, GastuneConfig, ModelConfig
+from gastune.training.run import train
+
+
+def _tiny_model_dir(tmp_path):
+    tokenizer = load_tokenizer("smollm2-135m")
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        "\n".join(json.dumps({"prompt": f"Q{i}: ", "completion": f"answer {i}"}) for i in range(8))
+    )
+    return str(tmp_path / "model"), str(data)
+
+
+def _lora_a(model_dir, data, seed, out):
+    config = GastuneConfig(
+        output_dir=str(out),
+        method="lora",
+        max_steps=0,
+        seed=seed,
+        use_cpu=True,
+        save_strategy="no",
+        per_device_train_batch_size=4,
+        disable_tqdm=True,
+    )
+    result = train(ModelConfig(model=model_dir, lora_r=4, lora_alpha=8), DataConfig(data=data), config)
+    return {n: p.detach().clone() for n, p in result.model.named_parameters() if "lora_A" in n}
+
+
+def test_adapter_initialisation_follows_the_seed(tmp_path):
+    model_dir, data = _tiny_model_dir(tmp_path)
+    a = _lora_a(model_dir, data, 1, tmp_path / "a")
+    b = _lora_a(model_dir, data, 1, tmp_path / "b")
+    c = _lora_a(model_dir, data, 2, tmp_path / "c")
+    assert a and all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
