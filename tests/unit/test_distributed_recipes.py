@@ -25,6 +25,7 @@ from gastune.training import GastuneConfig, GastuneTrainer, TrainingMethod
 from gastune.training.adapters import build_peft_config
 from gastune.training.trainer import check_sharding
 from tests.conftest import make_batch, tiny_model
+from tests.unit._model_folder import save_tiny_llama
 
 REPO = Path(__file__).resolve().parents[2]
 LR = 0.5
@@ -37,40 +38,10 @@ def _free_port() -> int:
 
 
 # ------------------------------------------------------------ accelerate launch, 2 CPU ranks
-def _tiny_model_folder(folder: Path, poison_words: str) -> None:
-    """A 2-layer Llama with the real tokenizer; the tokens of ``poison_words`` get a +inf
-    embedding, so a record holding them has a NaN loss."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from gastune.models import load_tokenizer
-
-    tokenizer = load_tokenizer("smollm2-135m")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
-    )
-    poison = set(tokenizer(poison_words, add_special_tokens=False)["input_ids"])
-    clean = set(tokenizer("What is 0123456789 plus? . ", add_special_tokens=False)["input_ids"])
-    with torch.no_grad():
-        model.get_input_embeddings().weight[sorted(poison - clean)] = float("inf")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-
-
 def test_accelerate_ddp_cpu_recipe_trains_saves_and_survives_a_nan_sample(tmp_path):
     """The documented command, 2 steps on 2 CPU ranks, batch 4 per rank: the 16 records are
     one epoch, so each rank meets its own half, including the two poisoned records."""
-    _tiny_model_folder(tmp_path / "model", " Zebra quagga")
+    save_tiny_llama(tmp_path / "model", poison_words=" Zebra quagga")
     records = [{"prompt": f"What is {i} plus {i}?", "completion": f" {2 * i}."} for i in range(16)]
     records[5]["prompt"] = "What is Zebra quagga?"
     records[12]["completion"] = " Zebra quagga."

@@ -115,12 +115,29 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.flo
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as exc:
         raise GastuneError(f"cannot read a model config from '{name_or_path}': {_first_line(exc)}") from exc
+    # transformers maps some encoder configs (BERT, RoBERTa…) to an LM-head class and would
+    # load a saved encoder as a "causal LM" with a fresh head: check what was saved instead.
+    architectures = list(getattr(config, "architectures", None) or [])
+    if architectures and not any(_is_causal_lm_class(a) for a in architectures):
+        raise GastuneError(
+            f"'{name_or_path}' holds a {', '.join(architectures)}, which is not a causal language model "
+            "(expected a ...ForCausalLM or ...LMHeadModel checkpoint)"
+        )
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except ValueError as exc:
         raise GastuneError(
             f"'{name_or_path}' ({type(config).__name__}) is not a causal language model: {_first_line(exc)}"
         ) from exc
+
+
+def _is_causal_lm_class(name: str) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    known = {
+        c for v in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for c in ((v,) if isinstance(v, str) else v)
+    }
+    return name in known or name.endswith(("ForCausalLM", "LMHeadModel"))
 
 
 def _first_line(exc: BaseException) -> str:
