@@ -39,11 +39,30 @@ logger = logging.getLogger(__name__)
 
 
 class NonFiniteLoss(Exception):
-    """Raised inside a training forward when some samples' losses are NaN/inf."""
+    """Raised inside a training forward when some samples' losses are NaN/inf.
 
-    def __init__(self, rows: torch.Tensor):
-        super().__init__(f"non-finite loss in rows {rows.tolist()}")
-        self.rows = rows
+    Carries the offending rows themselves (``index`` values when the batch has them, else
+    ``input_ids`` rows), not their positions: a method may have run the forward on a subset
+    of the micro-batch (the data-selection baselines do).
+    """
+
+    def __init__(self, inputs: dict[str, Any], bad: torch.Tensor):
+        rows = bad.nonzero().flatten()
+        super().__init__(f"non-finite loss in {len(rows)} rows")
+        index = inputs.get("index")
+        self.index = index[rows.to(index.device)] if _is_row_tensor(index, bad) else None
+        self.input_ids = inputs["input_ids"][rows.to(inputs["input_ids"].device)]
+
+    def rows_in(self, inputs: dict[str, Any]) -> torch.Tensor:
+        """``(N,)`` bool: the rows of ``inputs`` that are the offending samples."""
+        index = inputs.get("index")
+        if self.index is not None and isinstance(index, torch.Tensor):
+            return torch.isin(index.cpu(), self.index.cpu())
+        ids = inputs["input_ids"].cpu()
+        bad = self.input_ids.cpu()
+        if ids.shape[1:] != bad.shape[1:]:
+            raise RuntimeError("gastune: cannot match the rows with a non-finite loss to the batch")
+        return (ids[:, None, :] == bad[None, :, :]).all(dim=2).any(dim=1)
 
 
 def has_targets(labels: torch.Tensor) -> torch.Tensor:
@@ -109,11 +128,12 @@ class SampleGuard:
         )
         return take_rows(inputs, keep)
 
-    def drop_nonfinite(self, inputs: dict[str, Any], rows: torch.Tensor) -> dict[str, Any] | None:
-        """Remove rows whose loss was non-finite; None if none are left."""
+    def drop_nonfinite(self, inputs: dict[str, Any], error: NonFiniteLoss) -> dict[str, Any] | None:
+        """Remove the rows ``error`` names; None if none are left."""
         n = inputs["input_ids"].shape[0]
-        bad = torch.zeros(n, dtype=torch.bool)
-        bad[rows.cpu()] = True
+        bad = error.rows_in(inputs)
+        if not bad.any():  # should not happen: failing loudly beats re-running forever
+            raise RuntimeError("gastune: the rows with a non-finite loss are not in the micro-batch")
         self._counts["nonfinite_samples"] += int(bad.sum())
         logger.warning(
             "dropped %d of %d samples with a non-finite loss from the step%s",
@@ -138,8 +158,12 @@ class SampleGuard:
         return out
 
 
+def _is_row_tensor(value: Any, rows: torch.Tensor) -> bool:
+    return isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == rows.shape[0]
+
+
 def _where(inputs: dict[str, Any], rows: torch.Tensor) -> str:
     index = inputs.get("index")
-    if isinstance(index, torch.Tensor) and index.shape[0] == rows.shape[0]:
+    if _is_row_tensor(index, rows):
         return f" (dataset rows {index[rows.to(index.device)].tolist()})"
     return ""

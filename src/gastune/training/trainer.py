@@ -1,9 +1,14 @@
 """Trainer integration: a mixin that works with transformers' Trainer and trl's SFTTrainer.
 
-The mixin changes two things: the loss is the mean over samples of each sample's mean token
-loss (the unit every method selects on, identical for all methods so comparisons are fair),
-and each training step is delegated to the chosen method, which may wrap the ordinary
-forward + backward (GAST arms its engine around it).
+The mixin changes what a step is: the loss is the mean over samples of each sample's mean
+token loss (the unit every method selects on, identical for all methods so comparisons are
+fair), and each training step is delegated to the chosen method, which may wrap the ordinary
+forward + backward (GAST arms its engine around it). Samples with a non-finite loss or no
+target token are taken out of the step first (``gastune.training.numerics``).
+
+It also makes checkpoints complete and safe: each one carries the method's state and is
+published atomically, so a resumed run reproduces the uninterrupted one
+(``gastune.training.checkpoint``, docs/distributed.md).
 
 Example:
     >>> trainer = GastuneTrainer(model=peft_model, args=GastuneConfig(method="gast"),  # doctest: +SKIP
@@ -61,7 +66,7 @@ class GastuneMixin:
         if self.sample_guard.active:
             finite = torch.isfinite(losses.detach())
             if not finite.all():  # before any backward: training_step re-runs without these rows
-                raise NonFiniteLoss((~finite).nonzero().flatten())
+                raise NonFiniteLoss(inputs, ~finite)
         loss = losses.mean()
         return (loss, outputs) if return_outputs else loss
 
@@ -78,7 +83,7 @@ class GastuneMixin:
             try:
                 return self._method_step(model, inputs, num_items_in_batch)
             except NonFiniteLoss as bad:
-                inputs = self.sample_guard.drop_nonfinite(inputs, bad.rows)
+                inputs = self.sample_guard.drop_nonfinite(inputs, bad)
                 # The re-run uses the unwrapped model: another forward of the DDP wrapper
                 # would start collectives (buffer broadcast) the other ranks never join.
                 model = self.accelerator.unwrap_model(model)
