@@ -157,7 +157,14 @@ def parent(args) -> None:
             if args.pin_cpu is not None:  # a dedicated core keeps other jobs' noise out of the ratios
                 cmd = ["taskset", "-c", str(args.pin_cpu), *cmd]
             print(f"round {round_index + 1}/{args.rounds}: {method} ...", flush=True)
-            out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            env = dict(os.environ)
+            if args.malloc_mmap_threshold:
+                # glibc keeps freed heap memory resident, so peak RSS would also count its cache
+                # (which a method's differently sized passes fragment differently). Serving large
+                # blocks by mmap returns them on free: peak RSS then tracks live tensor memory,
+                # as torch.cuda.max_memory_allocated does on a GPU.
+                env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
+            out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
             lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if out.returncode != 0 or not lines:
                 sys.stderr.write(out.stderr[-4000:])
@@ -203,6 +210,13 @@ def render_table(report: dict) -> str:
         f"Model {model}, {s['tuner']} r={s['rank']}, batch {s['batch']} × {s['seq']} tokens, "
         f"GAST k={s['k']} K_sup={s['k_sup']}, {'bf16' if s['bf16'] else 'fp32'} on {report['machine']['device_name']}"
         + (f", {s['threads']} thread(s)" if s.get("threads") else "")
+        + (
+            f", peak RSS with MALLOC_MMAP_THRESHOLD_={s['malloc_mmap_threshold']} (≈ live memory)"
+            if s.get("malloc_mmap_threshold") and report["settings"]["device"] == "cpu"
+            else ", peak RSS with the default allocator (includes its cache of freed memory)"
+            if report["settings"]["device"] == "cpu"
+            else ""
+        )
         + "; "
         f"{s['rounds']} interleaved rounds × {s['steps']} steps; {report['date'][:10]}, commit {(report['git']['commit'] or 'unknown')[:8]}"
         + (" (dirty)" if report["git"]["dirty"] else ""),
@@ -239,6 +253,12 @@ def main() -> None:
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads in each worker")
     p.add_argument("--pin-cpu", type=int, default=None, help="run workers on this CPU core (taskset)")
+    p.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=65536,
+        help="glibc MALLOC_MMAP_THRESHOLD_ for workers (0: allocator default, peak RSS then includes its cache)",
+    )
     p.add_argument("--out", default="docs/results/step_cost.json")
     p.add_argument("--readme", action="store_true", help="update the README's table from this run")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
