@@ -146,6 +146,7 @@ def worker(args) -> dict:
 
 
 def parent(args) -> None:
+    origin = provenance(args.device)  # before any worker runs: the code being measured
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if "lora" not in methods:
         methods.insert(0, "lora")  # the reference every ratio is taken against
@@ -193,7 +194,7 @@ def parent(args) -> None:
         "memory_metric": memory_key,
         "summary": summary,
         "runs": runs,
-        **provenance(args.device),
+        **origin,
     }
     report["output"] = args.out
     write_json(args.out, report)
