@@ -5,60 +5,19 @@ from __future__ import annotations
 import re
 
 import torch
-from peft import get_peft_model
 
-from gastune.training import GastuneConfig, GastuneTrainer
-from gastune.training.adapters import build_peft_config
-from tests.conftest import make_batch, tiny_model
+from gastune.training import GastuneTrainer
+from tests import helpers
+from tests.helpers import LR, trainable  # noqa: F401  (re-exported for the baseline tests)
+from tests.helpers import RecordingCollator as Collator
+from tests.helpers import row_dataset as dataset
+from tests.helpers import sgd_config as config
 
-LR = 0.5
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
 def lora_model(layers: int = 4, tuner: str = "lora") -> torch.nn.Module:
-    model = tiny_model("llama", layers=layers)
-    cfg = build_peft_config(model, tuner=tuner, r=2, alpha=4, dropout=0.0)
-    cfg.init_lora_weights = False  # non-zero B, so every adapter tensor has a gradient
-    return get_peft_model(model, cfg)
-
-
-def dataset(n: int = 16, seed: int = 3) -> list[dict[str, torch.Tensor]]:
-    data = make_batch(n=n, t=8, seed=seed)
-    return [{**{k: v[i] for k, v in data.items()}, "index": torch.tensor(i)} for i in range(n)]
-
-
-class Collator:
-    """Stacks rows; remembers every batch it built, in call order."""
-
-    def __init__(self):
-        self.batches: list[dict[str, torch.Tensor]] = []
-
-    def __call__(self, features):
-        batch = {k: torch.stack([f[k] for f in features]) for k in features[0]}
-        self.batches.append(batch)
-        return batch
-
-
-def config(**overrides) -> GastuneConfig:
-    kwargs = dict(
-        output_dir="out",
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        weight_decay=0.0,
-        learning_rate=LR,
-        per_device_train_batch_size=4,
-        dataloader_drop_last=True,
-        remove_unused_columns=False,  # keep "index"; the mixin drops it before the model
-        max_steps=1,
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=0,
-    )
-    return GastuneConfig(**{**kwargs, **overrides})
+    return helpers.lora_model(layers=layers, tuner=tuner)
 
 
 def trainer_for(method: str, model=None, data=None, collator=None, callbacks=None, **overrides):
@@ -69,10 +28,6 @@ def trainer_for(method: str, model=None, data=None, collator=None, callbacks=Non
         data_collator=collator or Collator(),
         callbacks=callbacks,
     )
-
-
-def trainable(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def layer_of(name: str) -> int:

@@ -17,18 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from peft import get_peft_model
 
 from gastune.engine import GastEngine, per_sample_loss
 from gastune.errors import GastuneError
 from gastune.training import GastuneConfig, GastuneTrainer, TrainingMethod
-from gastune.training.adapters import build_peft_config
 from gastune.training.trainer import check_sharding
-from tests.conftest import make_batch, tiny_model
+from tests import helpers
+from tests.helpers import LR, row_dataset, sgd_config, stack_rows
 from tests.unit._model_folder import save_tiny_llama
 
 REPO = Path(__file__).resolve().parents[2]
-LR = 0.5
 
 
 def _free_port() -> int:
@@ -92,44 +90,19 @@ def test_accelerate_ddp_cpu_recipe_trains_saves_and_survives_a_nan_sample(tmp_pa
 
 # ------------------------------------------------------------ bf16 and checkpointing
 def lora_model() -> torch.nn.Module:
-    model = tiny_model("llama", layers=2)
-    cfg = build_peft_config(model, r=2, alpha=4, dropout=0.0)
-    cfg.init_lora_weights = False
-    return get_peft_model(model, cfg)
-
-
-def dataset(n: int = 16) -> list[dict[str, torch.Tensor]]:
-    data = make_batch(n=n, t=8, seed=3)
-    return [{**{k: v[i] for k, v in data.items()}, "index": torch.tensor(i)} for i in range(n)]
-
-
-def collate(features):
-    return {k: torch.stack([f[k] for f in features]) for k in features[0]}
+    return helpers.lora_model(layers=2)
 
 
 def config(out: Path, **overrides) -> GastuneConfig:
-    kwargs = dict(
+    defaults = dict(
         output_dir=str(out),
         method="gast",
         gast_k=2,
         gast_support="train",
         gast_support_size=3,
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        weight_decay=0.0,
-        learning_rate=LR,
-        per_device_train_batch_size=4,
-        dataloader_drop_last=True,
-        remove_unused_columns=False,
-        max_steps=1,
-        disable_tqdm=True,
-        seed=0,
+        logging_steps=500,
     )
-    return GastuneConfig(**{**kwargs, **overrides})
+    return sgd_config(**{**defaults, **overrides})
 
 
 def per_sample_grads(model, batch, params) -> list[torch.Tensor]:
@@ -148,7 +121,7 @@ def test_gast_step_under_bf16_autocast_matches_the_fp32_reference(tmp_path):
     model = lora_model()
     before = copy.deepcopy(model)
     trainer = GastuneTrainer(
-        model=model, args=config(tmp_path, bf16=True), train_dataset=dataset(), data_collator=collate
+        model=model, args=config(tmp_path, bf16=True), train_dataset=row_dataset(), data_collator=stack_rows
     )
     seen = {}
     step = trainer.method.training_step
@@ -197,7 +170,9 @@ def test_gradient_checkpointing_through_the_trainer_equals_the_plain_run(tmp_pat
     for checkpointing in (False, True):
         model = lora_model()
         args = config(tmp_path / str(checkpointing), gradient_checkpointing=checkpointing, max_steps=3)
-        trainer = GastuneTrainer(model=model, args=args, train_dataset=dataset(), data_collator=collate)
+        trainer = GastuneTrainer(
+            model=model, args=args, train_dataset=row_dataset(), data_collator=stack_rows
+        )
         trainer.train()
         assert model.base_model.model.is_gradient_checkpointing == checkpointing
         params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -213,7 +188,7 @@ def test_gradient_checkpointing_through_the_trainer_equals_the_plain_run(tmp_pat
 def test_sparse_methods_refuse_parameter_sharding(backend, tmp_path, monkeypatch):
     """FSDP/ZeRO-3 cannot run here (no GPU, no DeepSpeed): the check is fed their flags."""
     trainer = GastuneTrainer(
-        model=lora_model(), args=config(tmp_path), train_dataset=dataset(), data_collator=collate
+        model=lora_model(), args=config(tmp_path), train_dataset=row_dataset(), data_collator=stack_rows
     )
     if backend == "fsdp":
         monkeypatch.setattr(trainer, "is_fsdp_enabled", True)

@@ -19,8 +19,8 @@ from gastune.engine.reference import reference_gast_gradients
 from gastune.training import GastuneConfig, GastuneTrainer
 from gastune.training.adapters import build_peft_config
 from tests.conftest import make_batch, tiny_model
+from tests.helpers import LR, sgd_config, stack_rows
 
-LR = 0.5
 POISON = 99  # a token whose (frozen) embedding is +inf: any sample holding it has a NaN loss
 
 
@@ -51,37 +51,17 @@ def rows(n: int = 4, poisoned: tuple[int, ...] = (), no_target: tuple[int, ...] 
     return [{**{k: v[i] for k, v in data.items()}, "index": torch.tensor(i)} for i in range(n)]
 
 
-def collate(features):
-    return {k: torch.stack([f[k] for f in features]) for k in features[0]}
-
-
 def config(**overrides) -> GastuneConfig:
-    kwargs = dict(
-        output_dir="out",
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        weight_decay=0.0,
-        learning_rate=LR,
-        per_device_train_batch_size=4,
-        remove_unused_columns=False,
-        max_steps=1,
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=0,
-        gast_k=2,
-        gast_support="batch",
-    )
-    return GastuneConfig(**{**kwargs, **overrides})
+    defaults = dict(dataloader_drop_last=False, gast_k=2, gast_support="batch")
+    return sgd_config(**{**defaults, **overrides})
 
 
 def train_recording(model, data, **overrides):
     """One training step; returns the trainer, the inputs of each method call and the GAST
     step seeds (a micro-batch that had to be re-run is called twice)."""
-    trainer = GastuneTrainer(model=model, args=config(**overrides), train_dataset=data, data_collator=collate)
+    trainer = GastuneTrainer(
+        model=model, args=config(**overrides), train_dataset=data, data_collator=stack_rows
+    )
     calls, seeds = [], []
     step = trainer.method.training_step
 
@@ -124,7 +104,7 @@ def last_log(trainer) -> dict:
 def test_a_nan_sample_is_dropped_from_the_whole_step(method, caplog):
     model = model_with_head()
     before = copy.deepcopy(model)
-    full = collate(rows(poisoned=(2,)))
+    full = stack_rows(rows(poisoned=(2,)))
     # Why dropping is needed: the plain batch mean poisons the head (0 × NaN = NaN) and more.
     assert not torch.isfinite(
         dense_grads(before, full)["base_model.model.lm_head.modules_to_save.default.weight"]
@@ -198,7 +178,7 @@ def test_samples_without_targets_would_be_drawn_by_the_engine():
     """Why the trainer removes them: their gradient is exactly zero, so their score is 0 —
     a middling score that softmax sampling draws ahead of negatively aligned real samples."""
     model = model_with_head(poison=False)
-    batch = collate(rows(n=6, no_target=(4,)))
+    batch = stack_rows(rows(n=6, no_target=(4,)))
     engine = GastEngine(model, GastSettings(k=3)).attach()
     drawn = 0
     for seed in range(10):

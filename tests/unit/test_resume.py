@@ -12,32 +12,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import get_peft_model
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 from gastune.training import METHODS, GastuneConfig, GastuneTrainer
-from gastune.training.adapters import build_peft_config
 from gastune.training.checkpoint import METHOD_STATE_NAME
-from tests.conftest import make_batch, tiny_model
+from tests import helpers
+from tests.helpers import row_dataset, stack_rows
 
 STEPS, SAVE = 6, 3
 
 
 def lora_model() -> torch.nn.Module:
-    model = tiny_model("llama", layers=2)
-    cfg = build_peft_config(model, r=2, alpha=4, dropout=0.1)
-    cfg.init_lora_weights = False
-    return get_peft_model(model, cfg)
-
-
-def dataset(n: int = 16) -> list[dict[str, torch.Tensor]]:
-    data = make_batch(n=n, t=8, seed=3)
-    return [{**{k: v[i] for k, v in data.items()}, "index": torch.tensor(i)} for i in range(n)]
-
-
-def collate(features):
-    return {k: torch.stack([f[k] for f in features]) for k in features[0]}
+    return helpers.lora_model(layers=2, dropout=0.1)
 
 
 def config(out: Path, method: str, **overrides) -> GastuneConfig:
@@ -71,7 +58,10 @@ def run(out: Path, method: str, resume=None, **overrides) -> tuple[GastuneTraine
     selection masks by global step."""
     model = lora_model()
     trainer = GastuneTrainer(
-        model=model, args=config(out, method, **overrides), train_dataset=dataset(), data_collator=collate
+        model=model,
+        args=config(out, method, **overrides),
+        train_dataset=row_dataset(),
+        data_collator=stack_rows,
     )
     trainer.train(resume_from_checkpoint=resume)
     params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -145,7 +135,7 @@ class CrashOnSecondSave:
 def test_an_interrupted_save_leaves_the_last_good_checkpoint(uninterrupted, tmp_path):
     out = tmp_path / "crash"
     trainer = GastuneTrainer(
-        model=lora_model(), args=config(out, "gast"), train_dataset=dataset(), data_collator=collate
+        model=lora_model(), args=config(out, "gast"), train_dataset=row_dataset(), data_collator=stack_rows
     )
     CrashOnSecondSave(trainer)
     with pytest.raises(OSError, match="simulated"):
@@ -169,7 +159,7 @@ def test_plain_trainer_would_leave_a_complete_looking_checkpoint(tmp_path):
     out = tmp_path / "plain"
     args = config(out, "lora", max_steps=STEPS)
     model = lora_model()
-    trainer = Trainer(model=model, args=args, train_dataset=dataset(), data_collator=collate)
+    trainer = Trainer(model=model, args=args, train_dataset=row_dataset(), data_collator=stack_rows)
     CrashOnSecondSave(trainer)
     with pytest.raises(OSError, match="simulated"):
         trainer.train()

@@ -18,68 +18,17 @@ from gastune.engine import GastSettings, per_sample_loss
 from gastune.engine.gast import GastEngine
 from gastune.engine.reference import reference_gast_gradients
 from gastune.errors import GastuneError
-from gastune.training import GastMethod, GastuneConfig, GastuneMixin, GastuneTrainer
+from gastune.training import GastMethod, GastuneMixin, GastuneTrainer
 from gastune.training.adapters import build_peft_config
-from tests.conftest import make_batch, tiny_model
+from tests.helpers import LR, RecordingCollator, lora_model, row_dataset, trainable
+from tests.helpers import sgd_config as config
 
-LR = 0.5
 GAST_KEYS = ("gast/alignment_chosen", "gast/negative_pick_frac", "gast/usage_cv", "gast/unused_frac")
 
 
 @pytest.fixture(autouse=True)
 def _in_tmp_dir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # whatever the Trainer writes under output_dir lands here
-
-
-def lora_model(layers: int = 2) -> torch.nn.Module:
-    model = tiny_model("llama", layers=layers)
-    cfg = build_peft_config(model, r=2, alpha=4, dropout=0.0)
-    cfg.init_lora_weights = False  # non-zero B, so every adapter tensor has a gradient
-    return get_peft_model(model, cfg)
-
-
-def dataset(n: int = 16) -> list[dict[str, torch.Tensor]]:
-    """Rows of a padded batch, each carrying its ``index`` so we can tell which were used."""
-    data = make_batch(n=n, t=8, seed=3)
-    return [{**{k: v[i] for k, v in data.items()}, "index": torch.tensor(i)} for i in range(n)]
-
-
-class RecordingCollator:
-    """Stacks rows; remembers every batch it built, in call order."""
-
-    def __init__(self):
-        self.batches: list[dict[str, torch.Tensor]] = []
-
-    def __call__(self, features):
-        batch = {k: torch.stack([f[k] for f in features]) for k in features[0]}
-        self.batches.append(batch)
-        return batch
-
-
-def config(**overrides) -> GastuneConfig:
-    kwargs = dict(
-        output_dir="out",
-        use_cpu=True,
-        report_to="none",
-        save_strategy="no",
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        weight_decay=0.0,
-        learning_rate=LR,
-        per_device_train_batch_size=4,
-        dataloader_drop_last=True,
-        remove_unused_columns=False,  # keep "index"; the mixin drops it before the model
-        max_steps=1,
-        logging_steps=1,
-        disable_tqdm=True,
-        seed=0,
-    )
-    return GastuneConfig(**{**kwargs, **overrides})
-
-
-def trainable(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
 def record_steps(trainer, monkeypatch) -> dict[str, list]:
@@ -124,7 +73,7 @@ def test_gast_step_with_accumulation_equals_reference(support, monkeypatch):
     args = config(
         method="gast", gast_k=2, gast_support=support, gast_support_size=3, gradient_accumulation_steps=2
     )
-    trainer = GastuneTrainer(model=model, args=args, train_dataset=dataset(), data_collator=collator)
+    trainer = GastuneTrainer(model=model, args=args, train_dataset=row_dataset(), data_collator=collator)
     seen = record_steps(trainer, monkeypatch)
     clipped = []
     monkeypatch.setattr(trainer, "_clip_grad_norm", lambda m: clipped.append(1))
@@ -196,7 +145,7 @@ def test_dense_lora_is_the_plain_mean_and_accumulation_is_equivalent():
         args = config(
             method="lora", per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation
         )
-        GastuneTrainer(model=model, args=args, train_dataset=dataset(), data_collator=collator).train()
+        GastuneTrainer(model=model, args=args, train_dataset=row_dataset(), data_collator=collator).train()
         runs[batch_size] = (before, trainable(model), collator.batches)
 
     before, big, batches = runs[8]
@@ -222,7 +171,7 @@ def test_softmax_selection_statistics_are_logged():
     steps = 12
     args = config(method="gast", gast_k=2, gast_support_size=2, max_steps=steps)
     trainer = GastuneTrainer(
-        model=lora_model(3), args=args, train_dataset=dataset(), data_collator=RecordingCollator()
+        model=lora_model(3), args=args, train_dataset=row_dataset(), data_collator=RecordingCollator()
     )
     trainer.train()
     logs = _gast_logs(trainer)
@@ -255,7 +204,7 @@ def test_topk_alignment_chosen_is_the_maximum_possible(monkeypatch):
     steps = 4
     args = config(method="gast", gast_k=2, gast_selection="topk", gast_support_size=2, max_steps=steps)
     trainer = GastuneTrainer(
-        model=lora_model(), args=args, train_dataset=dataset(), data_collator=RecordingCollator()
+        model=lora_model(), args=args, train_dataset=row_dataset(), data_collator=RecordingCollator()
     )
     seen = record_steps(trainer, monkeypatch)
     trainer.train()
@@ -361,7 +310,7 @@ def test_bad_support_set_is_rejected():
         return GastuneTrainer(
             model=lora_model(),
             args=config(method="gast", gast_support="heldout", gast_k=2),
-            train_dataset=dataset(),
+            train_dataset=row_dataset(),
             data_collator=RecordingCollator(),
             **kwargs,
         )
@@ -378,7 +327,7 @@ def test_explicit_method_with_k_above_the_batch_fails_before_any_update():
     trainer = GastuneTrainer(
         model=model,
         args=config(method="gast"),
-        train_dataset=dataset(),
+        train_dataset=row_dataset(),
         data_collator=RecordingCollator(),
         method=GastMethod(GastSettings(k=8), support="batch"),
     )
@@ -391,7 +340,7 @@ def test_partial_last_batch_does_not_stop_training():
     """10 rows in batches of 4: the last micro-batch has 2 rows and keeps the same fraction (k=2 of 4 → 1 of 2)."""
     args = config(method="gast", gast_k=2, dataloader_drop_last=False, max_steps=-1, num_train_epochs=1)
     trainer = GastuneTrainer(
-        model=lora_model(), args=args, train_dataset=dataset(10), data_collator=RecordingCollator()
+        model=lora_model(), args=args, train_dataset=row_dataset(10), data_collator=RecordingCollator()
     )
     trainer.train()
     sizes = [(mask.shape[0], mask.sum(dim=0).tolist()) for _, mask in trainer.method.masks]
