@@ -24,7 +24,11 @@ SUBCOMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gastune", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="gastune",
+        description="Sparse parameter-efficient fine-tuning of causal LMs: GAST and its baselines.",
+        epilog="Run 'gastune COMMAND --help' for a command's options.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for module_name in SUBCOMMANDS.values():
         try:
