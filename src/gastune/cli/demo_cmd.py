@@ -64,8 +64,8 @@ def format_methods_table(results: dict) -> str:
 def run(args) -> int:
     from gastune.data import load_commonsense
     from gastune.eval import evaluate_commonsense
-    from gastune.eval.report import machine_info, write_json
     from gastune.models import load_model, load_tokenizer
+    from gastune.provenance import provenance, write_json
     from gastune.training import DataConfig, GastuneConfig, ModelConfig
     from gastune.training.run import train
 
@@ -127,7 +127,7 @@ def run(args) -> int:
         "settings": {k: v for k, v in vars(args).items() if k not in ("run", "argv")},
         "results": {name: r.to_dict() for name, r in results.items()},
         "training": train_stats,
-        "machine": machine_info("cpu"),
+        **provenance("cpu"),
         "total_seconds": time.time() - start,
     }
     write_json(out / "results.json", document)
