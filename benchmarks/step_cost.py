@@ -201,7 +201,7 @@ def parent(args) -> None:
     table = render_table(report)
     print(table)
     if args.readme:
-        update_readme_block(ROOT / "README.md", f"step_cost_{args.device}", table)
+        update_readme_block(ROOT / "README.md", args.readme_block or f"step_cost_{args.device}", table)
 
 
 def render_table(report: dict) -> str:
@@ -262,6 +262,7 @@ def main() -> None:
     )
     p.add_argument("--out", default="docs/results/step_cost.json")
     p.add_argument("--readme", action="store_true", help="update the README's table from this run")
+    p.add_argument("--readme-block", default=None, help="README block name (default step_cost_<device>)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
