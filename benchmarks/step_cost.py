@@ -82,7 +82,8 @@ def worker(args) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, vocab = build_model(args)
-    model = apply_adapter(model, tuner=args.tuner, r=args.rank, alpha=2 * args.rank, dropout=0.05)
+    tuner = "dora" if args.method == "dora" else args.tuner  # --method dora is dense DoRA
+    model = apply_adapter(model, tuner=tuner, r=args.rank, alpha=2 * args.rank, dropout=0.05)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     steps = args.warmup + args.steps
