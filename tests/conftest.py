@@ -72,3 +72,18 @@ def make_batch(n: int = 6, t: int = 10, seed: int = 1) -> dict[str, torch.Tensor
 @pytest.fixture
 def batch() -> dict[str, torch.Tensor]:
     return make_batch()
+
+
+def tiny_llama_for(tokenizer, hidden_size: int = 32, layers: int = 2, seed: int = 0, **config):
+    """A tiny random Llama whose vocabulary matches ``tokenizer`` (e.g. the real SmolLM2 one)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=config.pop("num_attention_heads", 4),
+        num_key_value_heads=config.pop("num_key_value_heads", 2),
+        **config,
+    )
+    return LlamaForCausalLM(cfg)

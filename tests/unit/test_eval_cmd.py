@@ -7,29 +7,20 @@ import sys
 import types
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from gastune.cli.main import main
 from gastune.data.prompts import answer_text
 from gastune.models.loading import load_tokenizer
+from tests.conftest import tiny_llama_for
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     tokenizer = load_tokenizer("smollm2-135m")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
+    model = tiny_llama_for(tokenizer, hidden_size=64, tie_word_embeddings=True)
     path = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(config).save_pretrained(path)
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from gastune.data.prompts import answer_text, format_prompt
 from gastune.errors import GastuneError
@@ -12,6 +12,7 @@ from gastune.eval import generate
 from gastune.eval.generate import evaluate_commonsense_generation, extract_label, generate_responses
 from gastune.eval.result import EvalResult
 from gastune.models.loading import load_tokenizer
+from tests.conftest import tiny_llama_for
 
 
 @pytest.fixture(scope="module")
@@ -21,17 +22,9 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.2,  # peaked predictions: greedy choices are far from ties
-    )
-    return LlamaForCausalLM(config).eval()
+    # A large init range makes predictions peaked: candidates score clearly apart, greedy
+    # choices are far from ties.
+    return tiny_llama_for(tokenizer, hidden_size=64, initializer_range=0.2).eval()
 
 
 def record(task: str, instruction: str, answer: str) -> dict:

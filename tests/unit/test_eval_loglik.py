@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from gastune.data.prompts import TASK_LABELS, answer_text, format_prompt
 from gastune.errors import GastuneError
 from gastune.eval import loglik
 from gastune.eval.loglik import evaluate_commonsense, score_candidates
 from gastune.models.loading import load_tokenizer
+from tests.conftest import tiny_llama_for
 
 
 @pytest.fixture(scope="module")
@@ -22,19 +22,9 @@ def tokenizer():
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    # A large init range makes the random model's predictions far from uniform, so that
-    # candidates get clearly different scores.
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        initializer_range=0.2,
-    )
-    return LlamaForCausalLM(config).eval()
+    # A large init range makes predictions peaked: candidates score clearly apart, greedy
+    # choices are far from ties.
+    return tiny_llama_for(tokenizer, hidden_size=64, initializer_range=0.2).eval()
 
 
 def reference_scores(model, tokenizer, prompt: str, candidates: list[str]) -> list[float]:

