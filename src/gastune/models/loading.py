@@ -8,6 +8,7 @@ The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import logging
 import os
@@ -47,8 +48,23 @@ def _default_gguf() -> Path:
 def default_model_dir() -> Path:
     """Path of the converted default model, converting it from GGUF on first use."""
     target = cache_dir() / "SmolLM2-135M-Instruct"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+    if _is_converted(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several processes (data-parallel ranks, parallel tests) may arrive here at once on a new
+    # machine: one converts under an exclusive lock, the others wait and then reuse its result.
+    with open(target.parent / ".convert.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _is_converted(target):
+            _convert_default(target)
+    return target
+
+
+def _is_converted(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
+
+
+def _convert_default(target: Path) -> None:
     gguf = _default_gguf()
     logger.info("converting %s once into %s (takes ~20 s)", gguf.name, target)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -63,7 +79,6 @@ def default_model_dir() -> Path:
     plain = AutoModelForCausalLM.from_config(plain_config, dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict())
     # Write to a temporary folder and rename, so an interrupted conversion never looks complete.
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-convert-"))
     try:
         plain.save_pretrained(tmp)
@@ -73,7 +88,6 @@ def default_model_dir() -> Path:
         tmp.rename(target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def resolve_model_path(name_or_path: str) -> str:
