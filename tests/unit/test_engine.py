@@ -160,3 +160,20 @@ def test_no_adapter_inside_blocks_is_rejected():
     cfg.target_modules = ["lm_head"]
     with pytest.raises(GastuneError, match="no trainable adapter"):
         GastEngine(get_peft_model(model, cfg))
+
+
+def test_support_gradient_ignores_a_sample_with_a_nonfinite_loss():
+    model = adapted("llama", "lora")
+    engine = GastEngine(model, GastSettings(k=2))
+    support = make_batch(n=3, seed=9)
+    token = 99  # poison row 1 only: an inf embedding for a token only it holds
+    for key in ("input_ids", "labels"):
+        support[key][support[key] == token] = 1
+    support["input_ids"][1, 4] = token
+    clean = {k: v[[0, 2]] for k, v in support.items()}
+    with torch.no_grad():
+        model.get_input_embeddings().weight[token] = float("inf")
+    got = support_gradients(model, support, engine.block_parameters)
+    expected = support_gradients(model, clean, engine.block_parameters)
+    assert all(torch.isfinite(g).all() for g in got.values())
+    assert all(torch.allclose(got[k], expected[k], atol=1e-7) for k in expected)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from gastune.engine.loss import per_sample_loss
+
+logger = logging.getLogger(__name__)
 
 
 def support_gradients(
@@ -22,7 +26,26 @@ def support_gradients(
     params = [p for block in block_parameters for p in block if p.requires_grad]
     if not params:
         return {}
-    outputs = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-    loss = per_sample_loss(outputs.logits, batch["labels"]).mean()
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    losses = _support_losses(model, batch)
+    # A support sample with a NaN/inf loss would make every block's support gradient NaN (and
+    # with it every score). Masking its loss is not enough — its inf activations meet a zero
+    # gradient in the batch-summed weight gradients (0 × inf = NaN) — so the forward is run
+    # again on the finite rows only. This costs nothing unless it happens.
+    finite = torch.isfinite(losses.detach())
+    if not finite.all():
+        if not finite.any():
+            logger.warning("every support sample has a non-finite loss; this step's support gradient is zero")
+            return {id(p): torch.zeros_like(p) for p in params}
+        logger.warning("dropped %d support sample(s) with a non-finite loss", int((~finite).sum()))
+        rows = finite.nonzero().flatten()
+        batch = {
+            k: v.index_select(0, rows.to(v.device)) if torch.is_tensor(v) else v for k, v in batch.items()
+        }
+        losses = _support_losses(model, batch)
+    grads = torch.autograd.grad(losses.mean(), params, allow_unused=True)
     return {id(p): (torch.zeros_like(p) if g is None else g.detach()) for p, g in zip(params, grads)}
+
+
+def _support_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    outputs = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+    return per_sample_loss(outputs.logits, batch["labels"])
