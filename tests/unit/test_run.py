@@ -54,3 +54,41 @@ def test_adapter_initialisation_follows_the_seed(tmp_path):
     c = _lora_a(model_dir, data, 2, tmp_path / "c")
     assert a and all(torch.equal(a[n], b[n]) for n in a)
     assert any(not torch.equal(a[n], c[n]) for n in a)
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_one_clear_error(tmp_path, capsys):
+    from gastune.cli.main import main
+
+    tokenizer = load_tokenizer("smollm2-135m")
+    cfg = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    data = tmp_path / "data.jsonl"
+    data.write_text(json.dumps({"prompt": "Q: ", "completion": "A"}) + "\n")
+    code = main(
+        [
+            "train",
+            "--model",
+            str(tmp_path / "model"),
+            "--data",
+            str(data),
+            "--max_steps",
+            "1",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--use_cpu",
+            "true",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "49152 tokens but the model's embedding has only 1000 rows" in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()

@@ -98,6 +98,12 @@ def train(
     set_seed(config.seed)
     model = load_model(model_cfg.model)
     find_decoder_blocks(model)  # fail early, with a clear message, on a model without decoder layers
+    vocab = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > vocab:  # otherwise an IndexError deep in the embedding lookup
+        raise GastuneError(
+            f"the tokenizer of '{model_cfg.model}' has {len(tokenizer)} tokens but the model's embedding "
+            f"has only {vocab} rows: the tokenizer does not belong to this model"
+        )
     model = apply_adapter(
         model,
         tuner=tuner,
