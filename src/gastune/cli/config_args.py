@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-from pathlib import Path
 
 from gastune.errors import GastuneError
-
-CONFIG_CLASSES = None  # filled lazily: importing transformers is slow
+from gastune.yaml_file import read_yaml
 
 
 def _classes():
@@ -26,15 +24,7 @@ def valid_keys() -> list[str]:
 
 
 def yaml_to_argv(path: str) -> list[str]:
-    import yaml
-
-    file = Path(path)
-    if not file.is_file():
-        raise GastuneError(f"config file '{path}' does not exist")
-    try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise GastuneError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    data = read_yaml(path, "config")
     if not isinstance(data, dict):
         raise GastuneError(f"config file '{path}' must be a mapping of option: value")
     keys = set(valid_keys())

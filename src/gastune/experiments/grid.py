@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from gastune.errors import GastuneError
+from gastune.yaml_file import read_yaml
 
 # Set by the runner for every run; a grid cannot override them.
 RESERVED = ("method", "seed", "output_dir")
@@ -204,15 +205,7 @@ def load_grid(path: str | Path) -> Grid:
     Example:
         >>> grid = load_grid("benchmarks/commonsense_grid.yaml")  # doctest: +SKIP
     """
-    import yaml
-
-    file = Path(path)
-    if not file.is_file():
-        raise GastuneError(f"grid file '{path}' does not exist")
-    try:
-        data = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise GastuneError(f"grid file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    data = read_yaml(path, "grid")
     return grid_from_dict(data)
 
 
