@@ -11,24 +11,18 @@ import torch
 def save_tiny_llama(folder: Path, poison_words: str | None = None) -> Path:
     """Write the model and tokenizer to ``folder``; the tokens of ``poison_words`` (if any)
     get a +inf embedding, so a record holding them has a NaN loss."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from gastune.models import load_tokenizer
+    from tests.conftest import tiny_llama_for
 
     tokenizer = load_tokenizer("smollm2-135m")
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+    model = tiny_llama_for(
+        tokenizer,
+        hidden_size=16,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
     )
     if poison_words:
         poison = set(tokenizer(poison_words, add_special_tokens=False)["input_ids"])

@@ -10,20 +10,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from gastune.models import load_tokenizer
 from gastune.training import DataConfig, GastuneConfig, ModelConfig
 from gastune.training.run import train
+from tests.conftest import tiny_llama_for
 
 
 def _tiny_model_dir(tmp_path):
     tokenizer = load_tokenizer("smollm2-135m")
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
+    tiny_llama_for(tokenizer).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     data = tmp_path / "data.jsonl"
     data.write_text(

@@ -20,6 +20,7 @@ from gastune.engine.reference import reference_gast_gradients
 from gastune.errors import GastuneError
 from gastune.training import GastMethod, GastuneMixin, GastuneTrainer
 from gastune.training.adapters import build_peft_config
+from tests.conftest import tiny_llama_for
 from tests.helpers import LR, RecordingCollator, lora_model, row_dataset, trainable
 from tests.helpers import sgd_config as config
 
@@ -221,22 +222,16 @@ def test_topk_alignment_chosen_is_the_maximum_possible(monkeypatch):
 def test_gast_with_trl_sft_trainer(tmp_path):
     trl = pytest.importorskip("trl")
     from datasets import Dataset
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     from gastune.models import load_tokenizer
 
     tokenizer = load_tokenizer("smollm2-135m")
-    torch.manual_seed(0)
-    base = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    base = tiny_llama_for(
+        tokenizer,
+        hidden_size=16,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=tokenizer.pad_token_id,
     )
     cfg = build_peft_config(base, r=2, alpha=4, dropout=0.0)
     cfg.init_lora_weights = False
