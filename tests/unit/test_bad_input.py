@@ -255,3 +255,22 @@ def test_train_interrupted_mid_run_leaves_only_complete_checkpoints(model_dir, t
     assert not any((out / name).exists() for name in ADAPTER_FILES)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]
     assert (out / "checkpoint-1" / "adapter_model.safetensors").is_file()
+
+
+def test_train_that_writes_no_adapter_fails_instead_of_claiming_it_saved(
+    model_dir, tmp_path, capsys, monkeypatch
+):
+    """FSDP with SHARDED_STATE_DICT made ``save_model`` write no adapter while the CLI said it
+    saved one (found running configs/fsdp/fsdp2_lora.yaml): simulated by a save that writes nothing."""
+    from gastune.training.trainer import GastuneTrainer
+
+    monkeypatch.setattr(GastuneTrainer, "save_model", lambda self, *args, **kwargs: None)
+    data = write_jsonl(tmp_path / "d.jsonl", [GOOD] * 8)
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(model_dir), "--data", str(data), "--output_dir", str(out), *TINY_TRAIN]
+    code = main([*argv, "--max_steps", "1", "--save_strategy", "no"])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert_one_error_line(captured.err, "no adapter was written to", str(out), "FULL_STATE_DICT")
+    assert "saved the" not in captured.out
+    assert not (out / "adapter_model.safetensors").exists()

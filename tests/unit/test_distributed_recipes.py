@@ -209,3 +209,5 @@ def test_shipped_launch_configs_are_well_formed():
     assert json.loads((REPO / ds_path).read_text())["zero_optimization"]["stage"] == 2
     fsdp = yaml.safe_load((REPO / "configs/fsdp/fsdp2_lora.yaml").read_text())
     assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp_config"]["fsdp_version"] == 2
+    # SHARDED_STATE_DICT makes save_model write no adapter (tests/integration/test_distributed_engines.py)
+    assert fsdp["fsdp_config"]["fsdp_state_dict_type"] == "FULL_STATE_DICT"

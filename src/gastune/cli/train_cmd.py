@@ -7,6 +7,12 @@ Examples:
 
 from __future__ import annotations
 
+from pathlib import Path
+
+# What peft's save_pretrained writes: the config, and the weights in one of two formats.
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -18,6 +24,25 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run, passthrough=True)
 
 
+def check_adapter_written(output_dir: str) -> None:
+    """Fail if training ended without an adapter on disk.
+
+    ``Trainer.save_model`` can return without writing one: under FSDP with
+    ``fsdp_state_dict_type: SHARDED_STATE_DICT`` transformers saves no adapter at all, silently.
+    """
+    from gastune.errors import GastuneError
+
+    out = Path(output_dir)
+    missing = [ADAPTER_CONFIG] if not (out / ADAPTER_CONFIG).is_file() else []
+    if not any((out / name).is_file() for name in ADAPTER_WEIGHTS):
+        missing.append(ADAPTER_WEIGHTS[0])
+    if missing:
+        raise GastuneError(
+            f"training finished but no adapter was written to {out} (missing {', '.join(missing)}); "
+            "under FSDP use fsdp_state_dict_type: FULL_STATE_DICT (configs/fsdp/fsdp2_lora.yaml)"
+        )
+
+
 def run(args) -> int:
     from gastune.cli.config_args import parse_train_args
     from gastune.training.run import train
@@ -25,6 +50,7 @@ def run(args) -> int:
     model_cfg, data_cfg, config = parse_train_args(args.argv)
     result = train(model_cfg, data_cfg, config)
     if result.trainer.is_world_process_zero():  # one line for the run, not one per rank
+        check_adapter_written(config.output_dir)
         print(
             f"saved the {config.method} adapter to {config.output_dir}; train loss {result.metrics.get('train_loss', float('nan')):.4f}"
         )
