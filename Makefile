@@ -23,7 +23,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-test-integration: $(STAMP)
+# The integration tier also runs the DeepSpeed ZeRO-2 recipe, so it installs the `deepspeed`
+# extra (not part of `make test`). DeepSpeed is an sdist whose build imports torch: it is built
+# without isolation, after wheel and setuptools.
+DS_STAMP := $(VENV)/.installed-deepspeed
+
+$(DS_STAMP): $(STAMP)
+	$(BIN)/pip install -q -c constraints.txt wheel setuptools
+	$(BIN)/pip install -q -c constraints.txt --no-build-isolation -e ".[deepspeed]"
+	touch $(DS_STAMP)
+
+test-integration: $(DS_STAMP)
 	$(BIN)/python -m pytest -q -m integration
 
 lint: $(STAMP)
