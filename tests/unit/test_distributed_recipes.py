@@ -7,11 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,50 +19,35 @@ from gastune.errors import GastuneError
 from gastune.training import GastuneConfig, GastuneTrainer, TrainingMethod
 from gastune.training.trainer import check_sharding
 from tests import helpers
-from tests.helpers import LR, row_dataset, sgd_config, stack_rows
+from tests.helpers import (
+    LR,
+    POISON_WORDS,
+    REPO,
+    accelerate_launch,
+    recipe_data,
+    recipe_train_args,
+    row_dataset,
+    sgd_config,
+    stack_rows,
+)
 from tests.unit._model_folder import save_tiny_llama
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------ accelerate launch, 2 CPU ranks
 def test_accelerate_ddp_cpu_recipe_trains_saves_and_survives_a_nan_sample(tmp_path):
     """The documented command, 2 steps on 2 CPU ranks, batch 4 per rank: the 16 records are
     one epoch, so each rank meets its own half, including the two poisoned records."""
-    save_tiny_llama(tmp_path / "model", poison_words=" Zebra quagga")
-    records = [{"prompt": f"What is {i} plus {i}?", "completion": f" {2 * i}."} for i in range(16)]
-    records[5]["prompt"] = "What is Zebra quagga?"
-    records[12]["completion"] = " Zebra quagga."
-    data = tmp_path / "data.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    save_tiny_llama(tmp_path / "model", poison_words=POISON_WORDS)
+    data = recipe_data(tmp_path / "data.jsonl", poison=True)
     out = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--config_file",
-        str(REPO / "configs/accelerate/ddp_cpu.yaml"),
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "gastune.cli.main",
-        "train",
-        *("--use_cpu", "true", "--model", str(tmp_path / "model"), "--data", str(data)),
-        *("--method", "gast", "--gast_k", "2", "--gast_support", "batch"),
-        *("--per_device_train_batch_size", "4", "--max_steps", "2", "--save_steps", "2"),
-        *("--lora_r", "2", "--lora_alpha", "4", "--output_dir", str(out), "--report_to", "none"),
-        *("--seed", "0", "--dataloader_drop_last", "true", "--disable_tqdm", "true"),
-    ]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-6000:]
+    code, log = accelerate_launch(
+        REPO / "configs/accelerate/ddp_cpu.yaml",
+        ["-m", "gastune.cli.main"],
+        recipe_train_args(tmp_path / "model", data, out, method="gast"),
+        cwd=tmp_path,
+        timeout=240,
+    )
+    assert code == 0, log[-6000:]
 
     # Both ranks reached the final checkpoint: each wrote its RNG and GAST generator states.
     ckpt = out / "checkpoint-2"
