@@ -1,0 +1,115 @@
+"""Test support for tests/integration/test_distributed_engines.py: run ``gastune train`` under
+``accelerate launch`` and record what really happened on each rank.
+
+    accelerate launch --config_file CONFIG tests/integration/_engine_probe.py train ARGS...
+
+Under ``$GASTUNE_PROBE_DIR`` each rank writes:
+
+- ``engine_rank{r}.json`` at its first training step: the model's wrapper, the distributed type
+  and process-group backend, DeepSpeed's ZeRO stage and optimizers, whether FSDP is on, how many
+  parameters are DTensors (FSDP2 shards) and which modules are FSDP-wrapped;
+- ``params_rank{r}.pt`` after training: every trainable parameter, whole (DTensors gathered).
+
+CPU FSDP (``GASTUNE_TEST_CPU_FSDP=1``): accelerate has no FSDP on the CPU. ``AcceleratorState``
+turns a launch into FSDP only for a GPU-like distributed type, so with ``--use_cpu true`` an FSDP
+config silently becomes plain multi-CPU data parallel (``MULTI_CPU``, DDP). This switches that
+state to FSDP on gloo, keeping the FSDP plugin accelerate built from the launch config, so the
+Trainer wraps the model with FSDP2 for real (``fully_shard`` per decoder layer, DTensor
+parameters). It tests our trainer under a real FSDP2 wrap; it does not test accelerate's own
+GPU placement for FSDP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def switch_cpu_launch_to_fsdp() -> None:
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def __init__(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+            # Every AcceleratorState() copies PartialState's fields again: switch it there too.
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            print(f"[cpu-fsdp] MULTI_CPU -> FSDP (fsdp_version={fsdp_plugin.fsdp_version})", flush=True)
+
+    AcceleratorState.__init__ = __init__
+
+
+def engine_info(trainer, model) -> dict:
+    import torch.distributed as dist
+
+    inner = trainer.accelerator.unwrap_model(model)
+    params = list(inner.named_parameters())
+    info = {
+        "wrapper": type(model).__name__,
+        "distributed_type": trainer.accelerator.distributed_type.value,
+        "backend": dist.get_backend() if dist.is_initialized() else None,
+        "world_size": trainer.args.world_size,
+        "deepspeed": bool(trainer.is_deepspeed_enabled),
+        "fsdp": bool(trainer.is_fsdp_enabled),
+        "params": len(params),
+        "dtensor_params": sum(type(p).__name__ == "DTensor" for _, p in params),
+        "fsdp_modules": sorted({type(m).__name__ for m in inner.modules() if "FSDP" in type(m).__name__}),
+    }
+    if trainer.is_deepspeed_enabled:
+        engine = trainer.model_wrapped
+        zero = engine.optimizer
+        info.update(
+            zero_stage=engine.zero_optimization_stage(),
+            zero_optimizer=type(zero).__name__,
+            zero_partition_count=list(getattr(zero, "partition_count", [])),
+            base_optimizer=type(getattr(zero, "optimizer", None)).__name__,
+        )
+    if trainer.is_fsdp_enabled:
+        plugin = trainer.accelerator.state.fsdp_plugin
+        info.update(fsdp_version=plugin.fsdp_version, fsdp_state_dict_type=str(plugin.state_dict_type))
+    return info
+
+
+def install_probes(probe_dir: str) -> None:
+    import torch
+
+    from gastune.training.trainer import GastuneMixin
+
+    os.makedirs(probe_dir, exist_ok=True)
+    training_step, train = GastuneMixin.training_step, GastuneMixin.train
+
+    def probed_training_step(self, model, inputs, num_items_in_batch=None):
+        path = os.path.join(probe_dir, f"engine_rank{self.args.process_index}.json")
+        if not os.path.exists(path):
+            with open(path, "w") as f:
+                json.dump(engine_info(self, model), f)
+        return training_step(self, model, inputs, num_items_in_batch)
+
+    def probed_train(self, *args, **kwargs):
+        output = train(self, *args, **kwargs)
+        inner = self.accelerator.unwrap_model(self.model_wrapped)
+        params = {}
+        for name, p in inner.named_parameters():  # same order on every rank: the gathers match
+            if p.requires_grad:
+                t = p.detach()
+                t = t.full_tensor() if hasattr(t, "full_tensor") else t
+                params[name] = t.float().cpu().clone()
+        torch.save(params, os.path.join(probe_dir, f"params_rank{self.args.process_index}.pt"))
+        return output
+
+    GastuneMixin.training_step = probed_training_step
+    GastuneMixin.train = probed_train
+
+
+if __name__ == "__main__":
+    if os.environ.get("GASTUNE_TEST_CPU_FSDP") == "1":
+        switch_cpu_launch_to_fsdp()
+    install_probes(os.environ["GASTUNE_PROBE_DIR"])
+    from gastune.cli.main import main
+
+    sys.exit(main(sys.argv[1:]))
