@@ -86,7 +86,7 @@ def test_test_split_loads_the_three_tasks_that_have_one_and_refuses_the_others()
 def test_every_record_is_a_well_formed_llm_adapters_record(split, train, validation):
     records = train if split == "train" else validation
     for r in records:
-        assert set(r) == {"instruction", "input", "output", "answer", "task"}
+        assert set(r) == {"instruction", "input", "output", "answer", "task", "question", "choices"}
         labels = TASK_LABELS[r["task"]]
         assert r["input"] == ""
         assert r["output"] == answer_text(r["answer"]) == f"the correct answer is {r['answer']}"
@@ -98,6 +98,27 @@ def test_every_record_is_a_well_formed_llm_adapters_record(split, train, validat
         if r["task"] != "boolq":
             lines = re.findall(r"\n\n([A-Z][a-z]+\d): ", r["instruction"])
             assert lines == [label.capitalize() for label in shown]
+        # question and choices are what the instruction was rendered from
+        assert render_instruction(r["task"], r["question"], r["choices"]) == r["instruction"]
+
+
+def test_rc_records_state_the_question_and_answer_with_the_gold_option_text(validation):
+    mc = load_commonsense("validation", per_task=5, seed=3)
+    rc = load_commonsense("validation", per_task=5, seed=3, prompt_format="rc")
+    assert len(rc) == len(mc) == 40
+    for m, r in zip(mc, rc):
+        assert (r["task"], r["answer"], r["choices"], r["question"]) == (
+            m["task"],
+            m["answer"],
+            m["choices"],
+            m["question"],
+        )
+        gold = TASK_LABELS[r["task"]].index(r["answer"])
+        assert r["output"] == f"the correct answer is {r['choices'][gold]}"
+        assert "Answer format" not in r["instruction"] and r["question"] in r["instruction"]
+        assert not re.search(r"\n\n[A-Z][a-z]+\d: ", r["instruction"])  # no numbered choices
+    with pytest.raises(GastuneError, match=r"unknown prompt format 'xy' \(choose from mc, rc\)"):
+        load_commonsense("validation", per_task=1, prompt_format="xy")
 
 
 def test_label_distributions_look_like_the_official_datasets(train, validation):

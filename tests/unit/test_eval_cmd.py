@@ -30,8 +30,9 @@ def calls(monkeypatch):
     """Replace the data loader by one returning hand-made records; record its arguments."""
     seen = []
 
-    def load_commonsense(split="train", tasks=None, per_task=None, seed=0):
+    def load_commonsense(split="train", tasks=None, per_task=None, seed=0, prompt_format="mc"):
         seen.append({"split": split, "tasks": tasks, "per_task": per_task, "seed": seed})
+        assert prompt_format == "mc"
         answers = {"boolq": ["true", "false"], "arc_easy": ["answer1", "answer3", "answer2"]}
         return [
             {
@@ -45,7 +46,10 @@ def calls(monkeypatch):
             for i, a in enumerate(answers[task][:per_task])
         ]
 
+    import gastune.data.commonsense as real
+
     module = types.ModuleType("gastune.data.commonsense")
+    module.__dict__.update({k: v for k, v in vars(real).items() if not k.startswith("__")})
     module.load_commonsense = load_commonsense
     monkeypatch.setitem(sys.modules, "gastune.data.commonsense", module)
     return seen

@@ -226,3 +226,61 @@ def test_only_the_labels_a_question_states_are_scored():
     assert len(_check_record(0, bare)) == 5
     with pytest.raises(GastuneError):
         _check_record(0, {**four, "answer": "answer5"})
+
+
+RC_RECORDS = [
+    {
+        **make_record(
+            "arc_easy", "Please choose the correct answer to the question: Which is a planet?", "answer2"
+        ),
+        "choices": ["the Sun", "Mars, the red one", "a comet"],
+    },
+    {
+        **make_record("winogrande", "The trophy did not fit in the suitcase because _ was big.", "option1"),
+        "choices": ["the trophy", "the suitcase"],
+    },
+    {
+        **make_record(
+            "boolq", "Please answer the following question with true or false, question: is it?", "false"
+        ),
+        "choices": ["true", "false"],
+    },
+]
+
+
+@pytest.mark.parametrize("rule", ["sum", "mean"])
+def test_rc_format_ranks_the_option_texts_like_the_reference(model, tokenizer, rule):
+    result = evaluate_commonsense(
+        model, tokenizer, RC_RECORDS, batch_size=2, progress=False, rule=rule, prompt_format="rc"
+    )
+    for record, pred in zip(RC_RECORDS, result.predictions):
+        # Obviously correct: one sequence per option text, summed (or averaged) token log-probs.
+        prompt = format_prompt(record["instruction"], record["input"])
+        candidates = [answer_text(c) for c in record["choices"]]
+        ref = reference_scores(model, tokenizer, prompt, candidates)
+        prompt_len = len(tokenizer(prompt)["input_ids"])
+        lengths = [len(tokenizer(prompt + c)["input_ids"]) - prompt_len for c in candidates]
+        ranked = ref if rule == "sum" else [s / n for s, n in zip(ref, lengths)]
+        assert pred.labels == TASK_LABELS[record["task"]][: len(record["choices"])]
+        assert pred.sum_logprobs == pytest.approx(ref, abs=1e-4)
+        assert pred.predicted == pred.labels[max(range(len(ranked)), key=ranked.__getitem__)]
+    # The option texts differ in length, so the two rules are not the same ranking by construction.
+    assert {len(c) for c in RC_RECORDS[0]["choices"]} != 1
+
+
+@pytest.mark.parametrize(
+    ("choices", "message"),
+    [
+        (None, "needs a 'choices' list"),
+        (["", "x", "y"], "needs a 'choices' list"),
+        (["a", "b", "c", "d", "e", "f"], "6 choices for the 5 labels"),
+    ],
+)
+def test_rc_format_needs_the_option_texts(choices, message):
+    record = {**RC_RECORDS[0], "choices": choices}
+    if choices is None:
+        del record["choices"]
+    with pytest.raises(GastuneError, match=message):
+        evaluate_commonsense(None, None, [record], progress=False, prompt_format="rc")
+    with pytest.raises(GastuneError, match="unknown prompt format"):
+        evaluate_commonsense(None, None, RC_RECORDS, progress=False, prompt_format="cloze")

@@ -4,6 +4,7 @@ Usage:
     gastune data commonsense --out data/commonsense_train.json
     gastune data commonsense --out val.jsonl --split validation --per-task 100 --seed 1
     gastune data commonsense --out arc.json --tasks arc_easy,arc_challenge
+    gastune data commonsense --out rc.json --per-task 48 --format rc
     gastune data check my_data.jsonl
 """
 
@@ -15,6 +16,7 @@ from collections import Counter
 # Kept literal so ``gastune --help`` need not import the data modules (a test checks it
 # against gastune.data.commonsense.SPLITS).
 SPLITS = ("train", "validation", "test")
+PROMPT_FORMATS = ("mc", "rc")
 
 
 def add_parser(subparsers) -> None:
@@ -35,6 +37,13 @@ def add_parser(subparsers) -> None:
     build.add_argument(
         "--tasks", default=None, help="comma-separated tasks, e.g. boolq,piqa (default: all with the split)"
     )
+    build.add_argument(
+        "--format",
+        default="mc",
+        choices=PROMPT_FORMATS,
+        help="mc: LLM-Adapters (numbered choices, answer = label); rc: question only, answer = "
+        "the option's text (default: %(default)s)",
+    )
     check = sub.add_parser("check", help="validate a training data file (.json, .jsonl or a saved dataset)")
     check.add_argument("source", help="the file or folder to read")
     parser.set_defaults(run=run)
@@ -51,7 +60,9 @@ def _run_commonsense(args: argparse.Namespace) -> int:
     from gastune.data.io import record_file_format, write_records
 
     record_file_format(args.out)  # a bad name fails now, not after seconds of loading
-    records = load_commonsense(split=args.split, tasks=args.tasks, per_task=args.per_task, seed=args.seed)
+    records = load_commonsense(
+        split=args.split, tasks=args.tasks, per_task=args.per_task, seed=args.seed, prompt_format=args.format
+    )
     path = write_records(records, args.out)
     counts = Counter(r["task"] for r in records)
     width = max(map(len, counts))

@@ -10,6 +10,7 @@ Usage:
     gastune eval --adapter runs/lora --per-task 50 --out lora.json --compare base.json
     gastune eval --adapter runs/lora --protocol generate --num-beams 4 --per-task 50
     gastune eval --adapter runs/lora --gsm8k --per-task 100 --max-new-tokens 256
+    gastune eval --adapter runs/demo/lora --format rc --rule mean --per-task 40
 """
 
 from __future__ import annotations
@@ -50,6 +51,13 @@ def add_parser(subparsers) -> None:
         default="loglik",
         choices=("loglik", "generate"),
         help="commonsense: rank labels by log-likelihood, or generate and match the first label",
+    )
+    parser.add_argument(
+        "--format",
+        default="mc",
+        choices=("mc", "rc"),
+        help="loglik: rank the labels of the LLM-Adapters prompt (mc) or the options' texts after "
+        "the bare question (rc) (default: %(default)s)",
     )
     parser.add_argument(
         "--gsm8k", action="store_true", help="evaluate GSM8K test (generation, final number) instead"
@@ -110,9 +118,13 @@ def _check(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and value < 1:
             raise GastuneError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
-    if args.gsm8k and (args.tasks or args.split != "validation" or args.protocol != "loglik"):
+    if args.format == "rc" and args.protocol == "generate":
+        raise GastuneError("--format rc ranks option texts by log-likelihood: use it with --protocol loglik")
+    if args.gsm8k and (
+        args.tasks or args.split != "validation" or args.protocol != "loglik" or args.format != "mc"
+    ):
         raise GastuneError(
-            "--gsm8k evaluates the GSM8K test split by generation: drop --tasks/--split/--protocol"
+            "--gsm8k evaluates the GSM8K test split by generation: drop --tasks/--split/--protocol/--format"
         )
 
 
@@ -135,11 +147,14 @@ def _evaluate(args: argparse.Namespace, model, tokenizer):
         )
     from gastune.data.commonsense import load_commonsense
 
-    records = load_commonsense(split=args.split, tasks=args.tasks, per_task=args.per_task, seed=args.seed)
+    records = load_commonsense(
+        split=args.split, tasks=args.tasks, per_task=args.per_task, seed=args.seed, prompt_format=args.format
+    )
     settings = {
         "split": args.split,
         "tasks": list(args.tasks or COMMONSENSE_TASKS),
         "protocol": args.protocol,
+        "format": args.format,
         **settings,
     }
     if args.protocol == "generate":
@@ -148,7 +163,9 @@ def _evaluate(args: argparse.Namespace, model, tokenizer):
             model, tokenizer, records, batch_size=args.batch_size, **generation
         )
         return result, len(records), {**settings, **generation}
-    result = evaluate_commonsense(model, tokenizer, records, batch_size=args.batch_size, rule=args.rule)
+    result = evaluate_commonsense(
+        model, tokenizer, records, batch_size=args.batch_size, rule=args.rule, prompt_format=args.format
+    )
     return result, len(records), {**settings, "rule": args.rule}
 
 

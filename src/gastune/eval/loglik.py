@@ -18,7 +18,8 @@ the commonsense labels this is ~4x fewer tokens than one sequence per candidate.
 
 Note: 0-shot, a small model ranks the label tokens mostly by a prior (SmolLM2-135M picks
 "answer4" for nearly every ARC question), so "before fine-tuning" accuracies sit near the
-majority-label rate; fine-tuning on the label format is what moves them.
+majority-label rate. ``prompt_format="rc"`` ranks the options' texts instead (the candidates
+then differ in more than their last tokens, and run as suffixes on the shared prefix's cache).
 """
 
 from __future__ import annotations
@@ -216,6 +217,18 @@ def score_candidates(
     return results
 
 
+def _candidates(i: int, record: dict, labels: tuple[str, ...], prompt_format: str) -> list[str]:
+    """The responses to rank: one per label ("mc") or one per option text ("rc")."""
+    if prompt_format == "mc":
+        return [answer_text(label) for label in labels]
+    choices = record.get("choices")
+    if not isinstance(choices, (list, tuple)) or not all(isinstance(c, str) and c.strip() for c in choices):
+        raise GastuneError(f"record {i}: prompt format 'rc' needs a 'choices' list of option texts")
+    if len(choices) != len(labels):
+        raise GastuneError(f"record {i}: {len(choices)} choices for the {len(labels)} labels {labels}")
+    return [answer_text(c) for c in choices]
+
+
 def _check_record(i: int, record: dict) -> tuple[str, ...]:
     for key in ("instruction", "answer", "task"):
         if key not in record:
@@ -230,6 +243,8 @@ def _check_record(i: int, record: dict) -> tuple[str, ...]:
         own = tuple(label.strip() for label in stated[1].split("/"))
         if own and set(own) <= set(labels):
             labels = own
+    elif isinstance(record.get("choices"), (list, tuple)) and 2 <= len(record["choices"]) <= len(labels):
+        labels = labels[: len(record["choices"])]  # an "rc" record lists no labels: its choices count
     if record["answer"] not in labels:
         raise GastuneError(f"record {i}: answer '{record['answer']}' is not one of {labels}")
     return labels
@@ -242,11 +257,15 @@ def evaluate_commonsense(
     batch_size: int = 16,
     progress: bool = True,
     rule: str = "sum",
+    prompt_format: str = "mc",
 ) -> EvalResult:
     """Zero-shot multiple-choice accuracy on commonsense records by log-likelihood.
 
     ``records`` are ``{"instruction", "input", "answer", "task"}`` dicts (``load_commonsense``
     output); ``rule`` picks the label by summed (default) or mean token log-probability.
+    ``prompt_format="mc"`` ranks the responses naming each label; ``"rc"`` ranks the
+    responses stating each option's text (records from ``load_commonsense(...,
+    prompt_format="rc")``, which carry ``choices``; use ``rule="mean"``: texts differ in length).
 
     Example:
         >>> from gastune.data.commonsense import load_commonsense  # doctest: +SKIP
@@ -256,12 +275,14 @@ def evaluate_commonsense(
     """
     if rule not in RULES:
         raise GastuneError(f"unknown rule '{rule}' (choose from {', '.join(RULES)})")
+    if prompt_format not in ("mc", "rc"):
+        raise GastuneError(f"unknown prompt format '{prompt_format}' (choose from mc, rc)")
     if not records:
         raise GastuneError("no records to evaluate")
     label_sets = [_check_record(i, r) for i, r in enumerate(records)]
     items = [
-        (format_prompt(r["instruction"], r.get("input", "")), [answer_text(label) for label in labels])
-        for r, labels in zip(records, label_sets)
+        (format_prompt(r["instruction"], r.get("input", "")), _candidates(i, r, labels, prompt_format))
+        for i, (r, labels) in enumerate(zip(records, label_sets))
     ]
     logger.info("scoring %d records, %d candidates", len(items), sum(len(c) for _, c in items))
     scored = score_candidates(model, tokenizer, items, batch_size=batch_size, progress=progress)

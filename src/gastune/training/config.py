@@ -53,6 +53,13 @@ class DataConfig:
         default=None, metadata={"help": "Commonsense: comma-separated subset of tasks."}
     )
     data_seed_value: int = field(default=0, metadata={"help": "Seed for sub-sampling the data."})
+    prompt_format: str = field(
+        default="mc",
+        metadata={
+            "help": "Commonsense: 'mc' (LLM-Adapters, numbered choices, answer = label) or "
+            "'rc' (question only, answer = the option's text)."
+        },
+    )
     cutoff_len: int = field(default=256, metadata={"help": "Truncate sequences to this many tokens."})
     train_on_prompt: bool = field(
         default=True, metadata={"help": "Loss over prompt + answer (False: answer only)."}

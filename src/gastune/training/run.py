@@ -54,7 +54,11 @@ def load_training_records(
 
         split = "validation" if source == "commonsense-validation" else split
         return load_commonsense(
-            split, tasks=data_cfg.tasks, per_task=data_cfg.per_task, seed=data_cfg.data_seed_value
+            split,
+            tasks=data_cfg.tasks,
+            per_task=data_cfg.per_task,
+            seed=data_cfg.data_seed_value,
+            prompt_format=data_cfg.prompt_format,
         )
     from gastune.data import load_records
 
