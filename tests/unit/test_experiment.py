@@ -343,3 +343,19 @@ def test_cli_bench_runs_reports_and_rebuilds(assets, tmp_path, capsys):
     assert (tmp_path / "docs" / "accuracy.png").read_bytes()[:8] == PNG
     assert (tmp_path / "docs" / "selection_heatmap.png").is_file()
     assert main([*argv, "--methods", "nope"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"format": "cloze"}, "eval.format must be mc or rc"),
+        ({"rule": "max"}, "eval.rule must be sum or mean"),
+        ({"format": "rc", "protocol": "generate"}, "needs eval.protocol loglik"),
+    ],
+)
+def test_bad_eval_format_and_rule_are_refused(fields, message):
+    from gastune.experiments.grid import EvalSpec
+
+    with pytest.raises(GastuneError, match=message):
+        EvalSpec(**fields)
+    assert EvalSpec(format="rc", rule="mean").format == "rc"

@@ -83,12 +83,20 @@ class EvalSpec:
     seed: int = 1234  # fixed: every run is scored on the same questions
     batch_size: int = 16
     protocol: str = "loglik"  # or "generate" (LLM-Adapters)
+    format: str = "mc"  # loglik: rank labels (mc, LLM-Adapters) or option texts (rc)
+    rule: str = "sum"  # loglik: summed or mean token log-probability
     num_beams: int = 1
     max_new_tokens: int = 32
 
     def __post_init__(self) -> None:
         if self.protocol not in ("loglik", "generate"):
             raise GastuneError(f"eval.protocol must be loglik or generate, got '{self.protocol}'")
+        if self.format not in ("mc", "rc"):
+            raise GastuneError(f"eval.format must be mc or rc, got '{self.format}'")
+        if self.rule not in ("sum", "mean"):
+            raise GastuneError(f"eval.rule must be sum or mean, got '{self.rule}'")
+        if self.format == "rc" and self.protocol != "loglik":
+            raise GastuneError("eval.format rc ranks option texts: it needs eval.protocol loglik")
         for name in ("batch_size", "num_beams", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise GastuneError(f"eval.{name} must be >= 1, got {getattr(self, name)}")

@@ -109,7 +109,9 @@ def _eval_records(grid: Grid) -> list[dict]:
     if spec.data == "commonsense":
         from gastune.data.commonsense import load_commonsense
 
-        return load_commonsense(spec.split, tasks=spec.tasks, per_task=spec.per_task, seed=spec.seed)
+        return load_commonsense(
+            spec.split, tasks=spec.tasks, per_task=spec.per_task, seed=spec.seed, prompt_format=spec.format
+        )
     path = Path(spec.data)
     try:
         text = path.read_text()
@@ -135,7 +137,15 @@ def _evaluate(grid: Grid, model, tokenizer, records: list[dict]):
         )
     from gastune.eval import evaluate_commonsense
 
-    return evaluate_commonsense(model, tokenizer, records, batch_size=spec.batch_size, progress=False)
+    return evaluate_commonsense(
+        model,
+        tokenizer,
+        records,
+        batch_size=spec.batch_size,
+        progress=False,
+        rule=spec.rule,
+        prompt_format=spec.format,
+    )
 
 
 def _selection(method) -> dict[str, Any] | None:
