@@ -1,12 +1,19 @@
 """``gastune demo``: the main job on the embedded default model and data.
 
-Fine-tunes SmolLM2-135M-Instruct on a small commonsense mixture with dense LoRA and with
-GAST (same data, seed and budget), and prints per-task log-likelihood accuracy on held-out
-validation questions before and after training. About 10 minutes on a 2-core CPU.
+Fine-tunes SmolLM2-135M-Instruct with LoRA on a small commonsense mixture (48 training
+questions from each of the eight tasks) and prints per-task log-likelihood accuracy on 40
+held-out validation questions per task, before and after training. About 8 minutes on a
+2-core CPU; ``--methods lora,gast`` adds GAST on the same data, seed and budget (about 16).
+
+The demo uses the "rc" prompt format (the question alone; the response states the chosen
+option's text, ranked by mean token log-probability) and a loss on the response only. In
+the LLM-Adapters "mc" format (numbered choices, the response names a label) a 135M model is
+at chance before and after a short fine-tune: binding labels to options is beyond it at
+this budget. ``--format mc`` runs the demo that way.
 
 Example:
-    gastune demo                       # lora vs gast, defaults below
-    gastune demo --methods lora --max-steps 20
+    gastune demo                       # LoRA, defaults below
+    gastune demo --methods lora,gast --max-steps 24
 """
 
 from __future__ import annotations
@@ -16,18 +23,23 @@ from pathlib import Path
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="fine-tune the embedded model with LoRA and GAST; accuracy before/after")
-    p.add_argument("--methods", default="lora,gast", help="comma-separated methods to compare")
+    p = sub.add_parser("demo", help="fine-tune the embedded model with LoRA; accuracy before/after")
+    p.add_argument("--methods", default="lora", help="comma-separated methods to compare, e.g. lora,gast")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--train-per-task", type=int, default=48, help="training examples per task")
     p.add_argument("--eval-per-task", type=int, default=40, help="validation questions per task")
-    p.add_argument("--max-steps", type=int, default=24, help="optimizer steps per method")
+    p.add_argument("--max-steps", type=int, default=48, help="optimizer steps per method")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--gast-k", type=float, default=4, help="GAST: samples kept per layer")
     p.add_argument("--gast-support-size", type=int, default=2)
-    p.add_argument("--learning-rate", type=float, default=5e-4)
+    p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--cutoff-len", type=int, default=160)
+    p.add_argument("--format", default="rc", choices=("rc", "mc"), help="prompt format (see above)")
+    p.add_argument("--rule", default=None, choices=("sum", "mean"), help="default: mean for rc, sum for mc")
+    p.add_argument(
+        "--train-on-prompt", action="store_true", help="loss over prompt + response (default: response only)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default="runs/demo")
     p.set_defaults(run=run)
@@ -76,10 +88,17 @@ def run(args) -> int:
         f"gastune demo: {args.model}, methods {', '.join(methods)}, {args.max_steps} steps each", flush=True
     )
     tokenizer = load_tokenizer(args.model)
-    eval_records = load_commonsense("validation", per_task=args.eval_per_task, seed=args.seed)
+    eval_records = load_commonsense(
+        "validation", per_task=args.eval_per_task, seed=args.seed, prompt_format=args.format
+    )
+    rule = args.rule or ("mean" if args.format == "rc" else "sum")
+
+    def evaluate(model):
+        return evaluate_commonsense(model, tokenizer, eval_records, rule=rule, prompt_format=args.format)
+
     print(f"evaluating the base model on {len(eval_records)} validation questions ...", flush=True)
     base = load_model(args.model)
-    results = {"before": evaluate_commonsense(base, tokenizer, eval_records)}
+    results = {"before": evaluate(base)}
     del base
     train_stats = {}
     for method in methods:
@@ -101,7 +120,11 @@ def run(args) -> int:
             dataloader_drop_last=True,
         )
         data_cfg = DataConfig(
-            per_task=args.train_per_task, data_seed_value=args.seed, cutoff_len=args.cutoff_len
+            per_task=args.train_per_task,
+            data_seed_value=args.seed,
+            cutoff_len=args.cutoff_len,
+            prompt_format=args.format,
+            train_on_prompt=args.train_on_prompt,
         )
         t0 = time.time()
         trained = train(
@@ -112,10 +135,10 @@ def run(args) -> int:
             "train_loss": trained.metrics.get("train_loss"),
         }
         print(f"evaluating {method} ...", flush=True)
-        results[method] = evaluate_commonsense(trained.model, tokenizer, eval_records)
+        results[method] = evaluate(trained.model)
         del trained
     table = format_methods_table(results)
-    print("\nLog-likelihood accuracy on validation questions (zero-shot prompts):\n")
+    print(f"\nLog-likelihood accuracy on validation questions ({args.format} format, {rule} rule):\n")
     print(table)
     for method in methods:
         gain = results[method].average - results["before"].average
@@ -133,10 +156,10 @@ def run(args) -> int:
     write_json(out / "results.json", document)
     print(f"\nresults written to {out / 'results.json'} (total {time.time() - start:.0f} s)")
     if not all(results[m].average > results["before"].average for m in methods):
-        # Say so plainly: at this budget a 135M model's label choice is mostly label bias.
+        # Say so plainly rather than let a flat table pass for a result.
         print(
-            "\nnote: the average did not rise for every method. At this small budget the model's "
-            "choice of label (answer1/answer2/...) is dominated by a per-task label preference; "
-            "see docs/experiments.md for the full-budget comparison."
+            "\nnote: the average did not rise for every method. At this budget (a few hundred "
+            "questions) the gain is a few points at most and per-task accuracies move by a few "
+            "questions either way; see docs/experiments.md."
         )
     return 0
