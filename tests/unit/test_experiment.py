@@ -312,6 +312,27 @@ def test_report_writes_table_summary_and_pngs(results_dir, tmp_path):
     assert "commits abcdef12" in table and "max_steps 10" in table and "![accuracy](accuracy.png)" in table
     summary = json.loads(paths["summary"].read_text())
     assert summary["summary"]["gast"]["average"]["n"] == 3 and summary["report"]["git"]
+    # gast > lora, paired on the seeds both have (0, 1): 0.8-0.55 and 0.9-0.7 points
+    (pair,) = summary["orderings"]
+    assert (pair["a"], pair["b"], pair["seeds"], pair["wins"]) == ("gast", "lora", [0, 1], 2)
+    assert pair["differences"] == pytest.approx([0.25, 0.2]) and pair["mean"] == pytest.approx(0.225)
+    assert "| gast > lora | 2 | +25.0, +20.0 | +22.5 ± 3.5 | 2 of 2 |" in table
+
+
+def test_paired_differences_match_a_direct_count():
+    from gastune.experiments.summary import PAPER_ORDERINGS, paired_differences
+
+    values = {("gast", 0): 0.50, ("gast", 1): 0.40, ("ist", 0): 0.45, ("ist", 1): 0.45, ("ist", 2): 0.3,
+              ("lora", 1): 0.41, ("gast-random", 0): 0.5}  # fmt: skip
+    runs = [{"name": n, "seed": s, "eval": {"results": {"average": v}}} for (n, s), v in values.items()]
+    pairs = {(p["a"], p["b"]): p for p in paired_differences(runs)}
+    # gast-random vs gast-topk has no topk run; ist vs lora and gast vs lora share seed 1 only
+    assert set(pairs) == {("gast", "ist"), ("ist", "lora"), ("gast", "lora"), ("gast", "gast-random")}
+    assert set(pairs) < set(PAPER_ORDERINGS)
+    assert pairs[("gast", "ist")]["differences"] == pytest.approx([0.05, -0.05])
+    assert pairs[("gast", "ist")]["wins"] == 1 and pairs[("gast", "ist")]["mean"] == pytest.approx(0.0)
+    assert pairs[("ist", "lora")]["seeds"] == [1] and pairs[("ist", "lora")]["std"] is None
+    assert pairs[("gast", "gast-random")]["wins"] == 0  # a tie is not a win
 
 
 def test_cli_bench_runs_reports_and_rebuilds(assets, tmp_path, capsys):

@@ -152,3 +152,67 @@ def format_summary_table(summary: dict[str, dict[str, Any]]) -> str:
 
     rule = "|" + "|".join("-" * (w + 1) + ":" if i else "-" * (w + 2) for i, w in enumerate(widths)) + "|"
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
+
+
+# The paper's claims, as (better, worse) entry names: GAST > IST > LoRA; softmax > random > top-K.
+PAPER_ORDERINGS: tuple[tuple[str, str], ...] = (
+    ("gast", "ist"),
+    ("ist", "lora"),
+    ("gast", "lora"),
+    ("gast", "gast-random"),
+    ("gast-random", "gast-topk"),
+)
+
+
+def paired_differences(
+    runs: Sequence[dict[str, Any]], pairs: Sequence[tuple[str, str]] = PAPER_ORDERINGS
+) -> list[dict[str, Any]]:
+    """Per pair ``(a, b)`` present in ``runs``: average accuracy of a minus b, seed by seed.
+
+    Methods of one grid share the seed's data order, so the per-seed difference removes the
+    variation both runs of a seed share. Returns ``{"a", "b", "seeds", "differences",
+    "mean", "std", "wins"}`` (``wins``: seeds where a scored higher); pairs without a common
+    seed are left out.
+
+    Example:
+        >>> runs = [{"name": n, "seed": s, "eval": {"results": {"average": v}}}
+        ...         for n, s, v in [("gast", 0, 0.5), ("lora", 0, 0.4), ("gast", 1, 0.5), ("lora", 1, 0.6)]]
+        >>> [round(x, 3) for x in paired_differences(runs, [("gast", "lora")])[0]["differences"]]
+        [0.1, -0.1]
+    """
+    average = {(r["name"], r["seed"]): r["eval"]["results"]["average"] for r in runs}
+    out = []
+    for a, b in pairs:
+        seeds = sorted(s for (name, s) in average if name == a and (b, s) in average)
+        if not seeds:
+            continue
+        diffs = [average[(a, s)] - average[(b, s)] for s in seeds]
+        stats = mean_std(diffs)
+        out.append(
+            {
+                "a": a,
+                "b": b,
+                "seeds": seeds,
+                "differences": diffs,
+                "mean": stats["mean"],
+                "std": stats["std"],
+                "wins": sum(d > 0 for d in diffs),
+            }
+        )
+    return out
+
+
+def format_paired_table(pairs: Sequence[dict[str, Any]]) -> str:
+    """Markdown: one row per ordering, the per-seed differences in accuracy points."""
+    lines = [
+        "| ordering | seeds | a − b per seed (points) | mean ± std | a ahead in |",
+        "|---|---:|---|---|---|",
+    ]
+    for p in pairs:
+        per_seed = ", ".join(f"{100 * d:+.1f}" for d in p["differences"])
+        spread = "" if p["std"] is None else f" ± {100 * p['std']:.1f}"
+        lines.append(
+            f"| {p['a']} > {p['b']} | {len(p['seeds'])} | {per_seed} | {100 * p['mean']:+.1f}{spread} "
+            f"| {p['wins']} of {len(p['seeds'])} |"
+        )
+    return "\n".join(lines)
