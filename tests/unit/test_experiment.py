@@ -310,6 +310,7 @@ def test_report_writes_table_summary_and_pngs(results_dir, tmp_path):
     table = paths["table"].read_text()
     assert table.index("| gast") < table.index("| lora")  # the grid's order
     assert "commits abcdef12" in table and "max_steps 10" in table and "![accuracy](accuracy.png)" in table
+    assert "protocol loglik, format mc, rule sum" in table  # runs from before eval.format existed
     summary = json.loads(paths["summary"].read_text())
     assert summary["summary"]["gast"]["average"]["n"] == 3 and summary["report"]["git"]
     # gast > lora, paired on the seeds both have (0, 1): 0.8-0.55 and 0.9-0.7 points

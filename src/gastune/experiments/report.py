@@ -42,6 +42,8 @@ _CAPTION_KEYS = (
     "learning_rate",
     "lora_r",
     "cutoff_len",
+    "prompt_format",
+    "train_on_prompt",
 )
 
 
@@ -62,7 +64,11 @@ def describe(runs: Sequence[dict[str, Any]]) -> list[str]:
         if ev["data"] == "commonsense"
         else ev["data"]
     )
-    protocol = ev["protocol"] + (f", {ev['num_beams']} beam(s)" if ev["protocol"] == "generate" else "")
+    protocol = ev["protocol"] + (
+        f", {ev['num_beams']} beam(s)"
+        if ev["protocol"] == "generate"
+        else f", format {ev.get('format', 'mc')}, rule {ev.get('rule', 'sum')}"
+    )
     evaluation = f"{ev['n']} questions ({source}), protocol {protocol}"
     if len({repr(r["eval"]["settings"]) for r in runs}) > 1:
         evaluation += " — WARNING: runs were scored on different samples or protocols"
