@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 from collections import Counter
 
+from gastune.data.prompts import PROMPT_FORMATS
+
 # Kept literal so ``gastune --help`` need not import the data modules (a test checks it
 # against gastune.data.commonsense.SPLITS).
 SPLITS = ("train", "validation", "test")
-PROMPT_FORMATS = ("mc", "rc")
 
 
 def add_parser(subparsers) -> None:

@@ -21,6 +21,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from gastune.data.prompts import PROMPT_FORMATS
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="fine-tune the embedded model with LoRA; accuracy before/after")
@@ -35,7 +37,7 @@ def add_parser(sub) -> None:
     p.add_argument("--learning-rate", type=float, default=1e-3)
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--cutoff-len", type=int, default=160)
-    p.add_argument("--format", default="rc", choices=("rc", "mc"), help="prompt format (see above)")
+    p.add_argument("--format", default="rc", choices=PROMPT_FORMATS, help="prompt format (see above)")
     p.add_argument("--rule", default=None, choices=("sum", "mean"), help="default: mean for rc, sum for mc")
     p.add_argument(
         "--train-on-prompt", action="store_true", help="loss over prompt + response (default: response only)"

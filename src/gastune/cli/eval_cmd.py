@@ -21,7 +21,7 @@ import logging
 import time
 from pathlib import Path
 
-from gastune.data.prompts import COMMONSENSE_TASKS
+from gastune.data.prompts import COMMONSENSE_TASKS, PROMPT_FORMATS
 from gastune.errors import GastuneError
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--format",
         default="mc",
-        choices=("mc", "rc"),
+        choices=PROMPT_FORMATS,
         help="loglik: rank the labels of the LLM-Adapters prompt (mc) or the options' texts after "
         "the bare question (rc) (default: %(default)s)",
     )

@@ -37,7 +37,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from gastune.data.io import write_records
-from gastune.data.prompts import COMMONSENSE_TASKS, TASK_LABELS, answer_text
+from gastune.data.prompts import (
+    COMMONSENSE_TASKS,
+    PROMPT_FORMATS,
+    TASK_LABELS,
+    answer_text,
+    check_prompt_format,
+)
 from gastune.errors import GastuneError
 from gastune.models.loading import ASSETS_INSTALL_HINT
 
@@ -46,7 +52,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["PROMPT_FORMATS", "SPLITS", "load_commonsense", "tasks_with_split", "write_records"]
 
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
-PROMPT_FORMATS: tuple[str, ...] = ("mc", "rc")
 
 # task -> (oe-eval task folder, saved HF validation dataset under hf_datasets/)
 _SOURCES: dict[str, tuple[str, str]] = {
@@ -118,10 +123,7 @@ def load_commonsense(
     """
     available = tasks_with_split(split)
     names = _parse_tasks(tasks, split, available)
-    if prompt_format not in PROMPT_FORMATS:
-        raise GastuneError(
-            f"unknown prompt format '{prompt_format}' (choose from {', '.join(PROMPT_FORMATS)})"
-        )
+    check_prompt_format(prompt_format)
     if per_task is not None and (isinstance(per_task, bool) or not isinstance(per_task, int) or per_task < 1):
         raise GastuneError(f"per_task must be a positive integer, got {per_task!r}")
     records: list[dict] = []

@@ -7,6 +7,8 @@ bare label; each task has a fixed label set (``TASK_LABELS``).
 
 from __future__ import annotations
 
+from gastune.errors import GastuneError
+
 ALPACA_HEADER = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 ALPACA_HEADER_WITH_INPUT = (
     "Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -25,6 +27,18 @@ TASK_LABELS: dict[str, tuple[str, ...]] = {
     "openbookqa": ("answer1", "answer2", "answer3", "answer4"),
 }
 COMMONSENSE_TASKS: tuple[str, ...] = tuple(TASK_LABELS)
+
+# "mc": LLM-Adapters (numbered choices, the response names a label); "rc": the question alone,
+# the response states the option's text (gastune.data.commonsense builds both).
+PROMPT_FORMATS: tuple[str, ...] = ("mc", "rc")
+
+
+def check_prompt_format(prompt_format: str) -> None:
+    """Raise a one-line ``GastuneError`` unless ``prompt_format`` is one of ``PROMPT_FORMATS``."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise GastuneError(
+            f"unknown prompt format '{prompt_format}' (choose from {', '.join(PROMPT_FORMATS)})"
+        )
 
 
 def format_prompt(instruction: str, input_text: str = "") -> str:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from gastune.data.prompts import TASK_LABELS, answer_text, format_prompt
+from gastune.data.prompts import TASK_LABELS, answer_text, check_prompt_format, format_prompt
 from gastune.data.tokens import common_prefix, leading_special_ids
 from gastune.errors import GastuneError
 from gastune.eval.result import EvalResult, Prediction, aggregate
@@ -275,8 +275,7 @@ def evaluate_commonsense(
     """
     if rule not in RULES:
         raise GastuneError(f"unknown rule '{rule}' (choose from {', '.join(RULES)})")
-    if prompt_format not in ("mc", "rc"):
-        raise GastuneError(f"unknown prompt format '{prompt_format}' (choose from mc, rc)")
+    check_prompt_format(prompt_format)
     if not records:
         raise GastuneError("no records to evaluate")
     label_sets = [_check_record(i, r) for i, r in enumerate(records)]

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gastune.data.prompts import PROMPT_FORMATS
 from gastune.errors import GastuneError
 from gastune.yaml_file import read_yaml
 
@@ -91,8 +92,8 @@ class EvalSpec:
     def __post_init__(self) -> None:
         if self.protocol not in ("loglik", "generate"):
             raise GastuneError(f"eval.protocol must be loglik or generate, got '{self.protocol}'")
-        if self.format not in ("mc", "rc"):
-            raise GastuneError(f"eval.format must be mc or rc, got '{self.format}'")
+        if self.format not in PROMPT_FORMATS:
+            raise GastuneError(f"eval.format must be {' or '.join(PROMPT_FORMATS)}, got '{self.format}'")
         if self.rule not in ("sum", "mean"):
             raise GastuneError(f"eval.rule must be sum or mean, got '{self.rule}'")
         if self.format == "rc" and self.protocol != "loglik":
