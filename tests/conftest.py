@@ -75,10 +75,11 @@ def batch() -> dict[str, torch.Tensor]:
 
 
 def tiny_llama_for(tokenizer, hidden_size: int = 32, layers: int = 2, seed: int = 0, **config):
-    """A tiny random Llama whose vocabulary matches ``tokenizer`` (e.g. the real SmolLM2 one)."""
+    """A tiny random Llama whose vocabulary matches ``tokenizer`` (e.g. the real SmolLM2 one),
+    unless ``vocab_size`` is given."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=config.pop("vocab_size", len(tokenizer)),
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
         num_hidden_layers=layers,

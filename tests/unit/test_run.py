@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from gastune.models import load_tokenizer
 from gastune.training import DataConfig, GastuneConfig, ModelConfig
@@ -52,15 +51,7 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_one_clear_error(tmp_path, cap
     from gastune.cli.main import main
 
     tokenizer = load_tokenizer("smollm2-135m")
-    cfg = LlamaConfig(
-        vocab_size=1000,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "model")
+    tiny_llama_for(tokenizer, vocab_size=1000).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     data = tmp_path / "data.jsonl"
     data.write_text(json.dumps({"prompt": "Q: ", "completion": "A"}) + "\n")
