@@ -274,3 +274,19 @@ def test_train_that_writes_no_adapter_fails_instead_of_claiming_it_saved(
     assert_one_error_line(captured.err, "no adapter was written to", str(out), "FULL_STATE_DICT")
     assert "saved the" not in captured.out
     assert not (out / "adapter_model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (["--format", "rc", "--protocol", "generate"], "--format rc ranks option texts by log-likelihood"),
+        (["--gsm8k", "--format", "rc"], "drop --tasks/--split/--protocol/--format"),
+        (["--format", "cloze"], "invalid choice: 'cloze'"),
+    ],
+)
+def test_eval_format_conflicts(flags, fragment, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    code, err = cli(["eval", *flags, "--out", str(out)], capsys)
+    assert code == 2
+    assert_one_error_line(err, fragment)
+    assert not out.exists()
