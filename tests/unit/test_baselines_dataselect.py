@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from gastune.engine import per_sample_loss, support_gradients
+from gastune.methods.persample import PerSampleGradients
 from gastune.selection.data_policies import greats_greedy
-from gastune.training.persample import PerSampleGradients
 from tests.conftest import make_batch
 from tests.unit._baseline_helpers import LR, Collator, lora_model, loss_grads, trainable, trainer_for
 

@@ -15,10 +15,10 @@ from transformers import TrainerCallback
 from gastune.engine import GastEngine, per_sample_loss
 from gastune.engine.reference import reference_gast_gradients
 from gastune.errors import GastuneError
+from gastune.methods.ist import scalable_modules, suppressed
+from gastune.methods.layerwise import LayerFreezer, layer_generator
 from gastune.models import find_decoder_blocks
 from gastune.selection.layer_policies import fisher_layer_scores, ist_score_update, uniform_layers
-from gastune.training.ist import scalable_modules, suppressed
-from gastune.training.layerwise import LayerFreezer, layer_generator
 from tests.unit._baseline_helpers import (
     LR,
     Collator,

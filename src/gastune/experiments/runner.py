@@ -150,7 +150,7 @@ def _evaluate(grid: Grid, model, tokenizer, records: list[dict]):
 
 def _selection(method) -> dict[str, Any] | None:
     """GAST's data × layer selection frequency over the kept masks (for the heatmap)."""
-    from gastune.training.methods import GastMethod
+    from gastune.methods import GastMethod
     from gastune.viz import selection_frequency
 
     if not isinstance(method, GastMethod) or not method.masks:

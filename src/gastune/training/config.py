@@ -10,6 +10,7 @@ from transformers import TrainingArguments
 
 from gastune.engine.settings import GastSettings
 from gastune.errors import GastuneError
+from gastune.methods import METHODS
 from gastune.models.loading import DEFAULT_MODEL
 from gastune.training.adapters import TUNERS
 
@@ -133,8 +134,6 @@ class GastuneConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        from gastune.training.methods import METHODS
-
         if self.method not in METHODS:
             raise GastuneError(f"unknown method '{self.method}'; choose one of {', '.join(sorted(METHODS))}")
         if self.gast_support not in ("train", "heldout", "batch"):

@@ -32,8 +32,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from gastune.engine.loss import per_sample_loss
 from gastune.errors import GastuneError
+from gastune.methods import TrainingMethod, build_method
 from gastune.training import checkpoint
-from gastune.training.methods import TrainingMethod, build_method
 from gastune.training.numerics import NonFiniteLoss, SampleGuard, zero_gradient_loss
 
 logger = logging.getLogger(__name__)
@@ -91,9 +91,14 @@ class GastuneMixin:
                     self.accelerator.backward(zero_gradient_loss(model))
                     return torch.zeros((), device=self.args.device)
 
+    def plain_training_step(self, model, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        """The wrapped Trainer's ordinary forward + backward, with no method around it (what a
+        method calls to train on a subset of the micro-batch)."""
+        return super().training_step(model, inputs, num_items_in_batch)
+
     def _method_step(self, model, inputs: dict[str, Any], num_items_in_batch) -> torch.Tensor:
         def run() -> torch.Tensor:
-            return super(GastuneMixin, self).training_step(model, inputs, num_items_in_batch)
+            return self.plain_training_step(model, inputs, num_items_in_batch)
 
         self.sample_guard.active = True
         try:

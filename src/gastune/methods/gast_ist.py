@@ -1,6 +1,6 @@
 """``gast+ist`` — GAST's per-layer sample choice restricted to the layers IST keeps active.
 
-Each optimizer step IST (``gastune.training.ist``) picks ``int(0.25·L)`` layers by its learned
+Each optimizer step IST (``gastune.methods.ist``) picks ``int(0.25·L)`` layers by its learned
 importance scores and freezes the rest (``requires_grad=False``, ``.grad`` None, Adam state
 kept). GAST (Yao et al., EACL 2026, arXiv 2603.09865; ``gastune.engine``) then runs on the
 active layers only: the support gradient is computed for their adapters alone, the engine
@@ -13,9 +13,9 @@ The mask is the GAST mask (K ones per column) with the frozen columns zeroed.
 
 from __future__ import annotations
 
-from gastune.training.ist import ist_policy
-from gastune.training.layerwise import LayerwiseMethod
-from gastune.training.methods import METHODS, register_method
+from gastune.methods.base import METHODS, register_method
+from gastune.methods.ist import ist_policy
+from gastune.methods.layerwise import LayerwiseMethod
 
 
 @register_method("gast+ist")

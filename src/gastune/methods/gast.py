@@ -1,15 +1,11 @@
-"""Training methods: each decides, every step, which samples update which layers.
+"""GAST (Yao et al., EACL 2026): per-block sample selection by alignment with a support gradient.
 
-A method is an object with ``setup(trainer, model)`` (once, after the Trainer has wrapped
-the model), ``training_step(trainer, model, inputs, run)`` (``run()`` performs the ordinary
-forward + backward) and ``metrics()`` (scalars for the Trainer's log). New methods register a
-factory in ``METHODS`` under the name ``--method`` takes.
+The method draws the support batch and arms ``gastune.engine.GastEngine`` around the ordinary
+forward + backward; the engine scores, selects and delivers each block's gradient.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -17,51 +13,8 @@ import torch
 from gastune.engine import GastEngine, GastSettings, support_gradients
 from gastune.engine.stats import SelectionRecord, selection_mask, summarize
 from gastune.errors import GastuneError
-
-logger = logging.getLogger(__name__)
-
-METHODS: dict[str, Callable[..., TrainingMethod]] = {}
-
-
-def register_method(name: str):
-    """Decorator: make a method factory ``f(config, **kwargs)`` available as ``--method name``."""
-
-    def wrap(factory):
-        METHODS[name] = factory
-        return factory
-
-    return wrap
-
-
-class TrainingMethod:
-    """Dense training: every sample updates every trainable parameter (the LoRA/DoRA baseline)."""
-
-    name = "dense"
-
-    def setup(self, trainer, model) -> None:
-        pass
-
-    def training_step(
-        self, trainer, model, inputs: dict[str, Any], run: Callable[[], torch.Tensor]
-    ) -> torch.Tensor:
-        return run()
-
-    def metrics(self) -> dict[str, float]:
-        """Scalars accumulated since the last call (then reset)."""
-        return {}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
-
-
-@register_method("lora")
-@register_method("dora")
-@register_method("dense")
-def _dense(config=None, **_) -> TrainingMethod:
-    return TrainingMethod()
+from gastune.methods.base import TrainingMethod, register_method
+from gastune.methods.rows import is_hf_dataset
 
 
 class GastMethod(TrainingMethod):
@@ -120,7 +73,7 @@ class GastMethod(TrainingMethod):
         # Do for the support draws what the Trainer does for its dataloader: drop the columns the
         # model does not take (e.g. raw text) before collating.
         self._collator = trainer.data_collator
-        if dataset is not None and _is_hf_dataset(dataset):
+        if dataset is not None and is_hf_dataset(dataset):
             dataset = trainer._remove_unused_columns(dataset, description="support")
         elif dataset is not None:
             self._collator = trainer._get_collator_with_removed_columns(
@@ -183,26 +136,3 @@ def _gast(config, support_dataset=None, **_) -> GastMethod:
         support_dataset=support_dataset,
         seed=config.seed,
     )
-
-
-def _is_hf_dataset(dataset) -> bool:
-    try:
-        import datasets
-    except ImportError:
-        return False
-    return isinstance(dataset, datasets.Dataset)
-
-
-def build_method(config, **kwargs) -> TrainingMethod:
-    """The method named by ``config.method``, built from the config's settings."""
-    try:
-        factory = METHODS[config.method]
-    except KeyError:
-        raise GastuneError(
-            f"unknown method '{config.method}'; choose one of {', '.join(sorted(METHODS))}"
-        ) from None
-    return factory(config, **kwargs)
-
-
-# Register the baselines (their modules import this one, so they come last).
-from gastune.training import dataselect, gast_ist, ist, layerwise  # noqa: E402, F401

@@ -14,7 +14,7 @@ a Trainer callback acting at ``on_step_begin``, i.e. once per optimizer step):
   A_k = R_k − mean(R), p = sigmoid(s) taken once, and for every layer i in set k:
   s_i += 10 · A_k · p_i (1 − p_i);
 - every optimizer step: draw ``int(0.25·L)`` layers without replacement with weights
-  sigmoid(−s) and train only their adapters (freezing as in ``gastune.training.layerwise``,
+  sigmoid(−s) and train only their adapters (freezing as in ``gastune.methods.layerwise``,
   whose docstring also gives the optimizer-state decision: frozen layers keep their Adam
   state untouched, as in the official code).
 
@@ -37,15 +37,15 @@ from torch import nn
 
 from gastune.engine.loss import per_sample_loss
 from gastune.errors import GastuneError
+from gastune.methods.base import register_method
+from gastune.methods.layerwise import LayerFreezer, LayerwiseMethod, layer_generator
+from gastune.methods.rows import RowSource, ShuffledBatches
 from gastune.selection.layer_policies import (
     ist_active_layers,
     ist_probe_sets,
     ist_score_update,
     layers_for_fraction,
 )
-from gastune.training.layerwise import LayerFreezer, LayerwiseMethod, layer_generator
-from gastune.training.methods import register_method
-from gastune.training.rows import RowSource, ShuffledBatches
 
 PROBE_SEED_OFFSET = 998  # the probe batches' shuffle
 

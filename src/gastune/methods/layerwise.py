@@ -9,7 +9,7 @@ The data × layer mask of these methods sets whole columns. Policies:
 - ``fisher`` — surgical fine-tuning by Fisher score (Lodha et al., Findings of EMNLP 2023,
   arXiv 2310.17041): the top-k layers by a diagonal-Fisher score on ~100 training examples,
   fixed for the whole run.
-- ``ist`` — see ``gastune.training.ist``.
+- ``ist`` — see ``gastune.methods.ist``.
 
 How freezing works (the failures of the reference implementations avoided):
 
@@ -46,6 +46,8 @@ import torch
 
 from gastune.engine.loss import per_sample_loss
 from gastune.errors import GastuneError
+from gastune.methods.base import TrainingMethod, register_method
+from gastune.methods.rows import RowSource
 from gastune.models.blocks import find_decoder_blocks, trainable_by_block
 from gastune.selection.layer_policies import (
     column_mask,
@@ -55,8 +57,6 @@ from gastune.selection.layer_policies import (
     top_layers,
     uniform_layers,
 )
-from gastune.training.methods import TrainingMethod, register_method
-from gastune.training.rows import RowSource
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ import torch
 from gastune.errors import GastuneError
 
 
-def _is_hf_dataset(dataset) -> bool:
+def is_hf_dataset(dataset) -> bool:
     try:
         import datasets
     except ImportError:
@@ -27,7 +27,7 @@ class RowSource:
             raise GastuneError(f"the {description} set is empty: there is nothing to draw rows from")
         self.trainer = trainer
         self.collator = trainer.data_collator
-        if _is_hf_dataset(dataset):
+        if is_hf_dataset(dataset):
             dataset = trainer._remove_unused_columns(dataset, description=description)
         else:
             self.collator = trainer._get_collator_with_removed_columns(

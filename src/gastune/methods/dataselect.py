@@ -19,7 +19,7 @@ The update is the gradient of the mean loss over the kept rows — the same as 0
 renormalised over the kept rows — but the unkept rows are dropped from the training pass
 (real savings: it runs on half the batch). Scoring passes (gradnorm, greats: one forward +
 backward with per-sample gradients through the GAST engine's score-only mode, see
-``gastune.training.persample``; maxloss: one forward) run in training mode, like the training
+``gastune.methods.persample``; maxloss: one forward) run in training mode, like the training
 pass. Trainable parameters outside the decoder blocks (e.g. a ``modules_to_save`` head) get
 the mean over the kept rows but take no part in gradnorm/greats scores. Each rank selects
 among its own samples.
@@ -34,20 +34,18 @@ import torch
 from gastune.engine import support_gradients
 from gastune.engine.loss import per_sample_loss
 from gastune.errors import GastuneError
+from gastune.methods.base import TrainingMethod, register_method
+from gastune.methods.persample import PerSampleGradients
+from gastune.methods.rows import RowSource
 from gastune.models.blocks import find_decoder_blocks
 from gastune.selection.data_policies import greats_greedy, keep_count, random_rows, top_rows
 from gastune.selection.layer_policies import row_mask
-from gastune.training.methods import TrainingMethod, register_method
-from gastune.training.persample import PerSampleGradients
-from gastune.training.rows import RowSource
 
 POLICIES = ("maxloss", "random-half", "gradnorm", "greats")
 
 
 def train_on_rows(trainer, model, inputs: dict[str, Any], rows: torch.Tensor) -> torch.Tensor:
     """The Trainer's ordinary forward + backward on ``rows`` of the micro-batch only."""
-    from gastune.training.trainer import GastuneMixin  # imported here: trainer.py imports this package
-
     n = inputs["input_ids"].shape[0]
     subset = {
         key: value.index_select(0, rows.to(value.device))
@@ -55,7 +53,7 @@ def train_on_rows(trainer, model, inputs: dict[str, Any], rows: torch.Tensor) ->
         else value
         for key, value in inputs.items()
     }
-    return super(GastuneMixin, trainer).training_step(model, subset)
+    return trainer.plain_training_step(model, subset)
 
 
 class DataSelectMethod(TrainingMethod):
