@@ -16,6 +16,7 @@ from peft import get_peft_model
 
 from gastune.engine import GastEngine, GastSettings, per_sample_loss, support_gradients
 from gastune.engine.reference import reference_gast_gradients
+from gastune.errors import TrainingFailed
 from gastune.training import GastuneConfig, GastuneTrainer
 from gastune.training.adapters import build_peft_config
 from tests.conftest import make_batch, tiny_model
@@ -56,13 +57,13 @@ def config(**overrides) -> GastuneConfig:
     return sgd_config(**{**defaults, **overrides})
 
 
-def train_recording(model, data, **overrides):
+def train_recording(model, data, calls: list | None = None, **overrides):
     """One training step; returns the trainer, the inputs of each method call and the GAST
     step seeds (a micro-batch that had to be re-run is called twice)."""
     trainer = GastuneTrainer(
         model=model, args=config(**overrides), train_dataset=data, data_collator=stack_rows
     )
-    calls, seeds = [], []
+    calls, seeds = ([] if calls is None else calls), []
     step = trainer.method.training_step
 
     def recording(trainer_, model_, inputs, run):
@@ -134,14 +135,35 @@ def test_a_nan_sample_is_dropped_from_the_whole_step(method, caplog):
         torch.testing.assert_close(after[name], before.get_parameter(name) - LR * grad, rtol=1e-5, atol=1e-6)
 
 
-def test_every_sample_nan_skips_the_step():
+def test_every_sample_nan_fails_the_run_by_default():
     model = model_with_head()
     before = trainable(model)
-    trainer, calls, _ = train_recording(model, rows(poisoned=(0, 1, 2, 3)), method="gast")
-    assert len(calls) == 1  # nothing left to re-run: a zero-gradient step instead
+    with pytest.raises(TrainingFailed, match="step 1 trained on no sample.*max_skipped_steps=0"):
+        train_recording(model, rows(poisoned=(0, 1, 2, 3)), method="gast")
     assert all(torch.equal(p, before[n]) for n, p in trainable(model).items())
-    log = last_log(trainer)
-    assert log["numerics/nonfinite_samples"] == 4 and log["loss"] == 0.0
+
+
+def test_a_run_whose_every_step_was_skipped_fails_whatever_the_allowance():
+    model = model_with_head()
+    with pytest.raises(TrainingFailed, match="all 1 steps trained on no sample"):
+        train_recording(model, rows(poisoned=(0, 1, 2, 3)), method="gast", max_skipped_steps=5)
+
+
+@pytest.mark.parametrize("method", ["gast", "lora"])
+def test_max_skipped_steps_tolerates_a_skipped_step_and_logs_it_without_a_loss(method):
+    """Rows 0-3 (step 1, sequential order) are all NaN, rows 4-7 (step 2) are clean."""
+    model = model_with_head()
+    data = rows(n=8, poisoned=(0, 1, 2, 3))
+    trainer, calls, _ = train_recording(
+        model, data, method=method, max_skipped_steps=1, max_steps=2, train_sampling_strategy="sequential"
+    )
+    step1, step2 = [h for h in trainer.state.log_history if "numerics/skipped_steps" in h]
+    assert step1["numerics/skipped_steps"] == 1 and "loss" not in step1  # never a loss of 0
+    assert step2["numerics/skipped_steps"] == 0 and step2["loss"] > 0
+    # the run's train_loss is the mean over the step that trained, not halved by the skipped one
+    final = trainer.state.log_history[-1]
+    assert final["train_loss"] == pytest.approx(step2["loss"], rel=1e-3)
+    assert sorted(calls[-1]["index"].tolist()) == [4, 5, 6, 7]
 
 
 def test_a_nan_gradient_with_a_finite_loss_is_never_selected():
@@ -209,13 +231,14 @@ def test_samples_without_targets_are_skipped_by_the_trainer(caplog):
         torch.testing.assert_close(model.get_parameter(name), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_a_batch_with_no_target_at_all_trains_nothing_and_does_not_crash():
+def test_a_batch_with_no_target_at_all_trains_nothing_and_is_a_skipped_step():
     model = model_with_head(poison=False)
     before = trainable(model)
-    trainer, calls, _ = train_recording(model, rows(no_target=(0, 1, 2, 3)), method="gast")
+    calls = []
+    with pytest.raises(TrainingFailed, match="step 1 trained on no sample"):
+        train_recording(model, rows(no_target=(0, 1, 2, 3)), method="gast", calls=calls)
     assert len(calls) == 1 and calls[0]["input_ids"].shape[0] == 4  # nothing better to keep
     assert all(torch.equal(p, before[n]) for n, p in trainable(model).items())
-    assert last_log(trainer)["loss"] == 0.0
 
 
 # ------------------------------------------------------------ selection edge cases (engine)

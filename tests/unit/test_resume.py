@@ -16,7 +16,8 @@ from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
 from gastune.training import METHODS, GastuneConfig, GastuneTrainer
-from gastune.training.checkpoint import METHOD_STATE_NAME
+from gastune.errors import GastuneError
+from gastune.training.checkpoint import MANIFEST_NAME, METHOD_STATE_NAME
 from tests import helpers
 from tests.helpers import row_dataset, stack_rows
 
@@ -110,6 +111,11 @@ def test_without_the_method_state_gast_does_not_reproduce(uninterrupted, tmp_pat
     shutil.copytree(out / "checkpoint-3", stripped / "checkpoint-3")
     for f in (stripped / "checkpoint-3").glob(f"{METHOD_STATE_NAME}*"):
         f.unlink()
+    # The manifest lists the method state, so the checkpoint is refused as incomplete…
+    with pytest.raises(GastuneError, match=f"damaged: {METHOD_STATE_NAME}.pt is missing"):
+        run(stripped, "gast", resume=str(stripped / "checkpoint-3"))
+    # …and a checkpoint without a manifest (older, or made by a plain Trainer) resumes with a warning.
+    (stripped / "checkpoint-3" / MANIFEST_NAME).unlink()
     _, resumed, resumed_masks = run(stripped, "gast", resume=str(stripped / "checkpoint-3"))
     assert "holds no state for method gast" in caplog.text
     # The generators restart from their seeds: different support draws and selections…
@@ -176,7 +182,6 @@ def test_rotation_and_best_checkpoint_point_at_published_folders(tmp_path):
 
 
 def test_resume_values_from_the_command_line(uninterrupted, tmp_path):
-    from gastune.errors import GastuneError
     from gastune.training.checkpoint import resolve_resume
 
     out = uninterrupted["gast"][0]

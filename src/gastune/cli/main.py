@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except GastuneError as exc:
         print(f"gastune {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code  # 2: refused input or setting; 3: training failed (errors.py)
     except KeyboardInterrupt:
         print(f"gastune {args.command}: interrupted", file=sys.stderr)
         return 130

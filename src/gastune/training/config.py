@@ -4,7 +4,9 @@
 ``ModelConfig`` and ``DataConfig`` describe what to train on.
 """
 
-from dataclasses import dataclass, field
+import logging
+import math
+from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
@@ -13,6 +15,20 @@ from gastune.errors import GastuneError
 from gastune.methods import METHODS
 from gastune.models.loading import DEFAULT_MODEL
 from gastune.training.adapters import TUNERS
+
+logger = logging.getLogger(__name__)
+
+# Which methods read which method-specific options (docs/methods.md); an option set to a
+# non-default value for any other method is reported by ``ignored_options``.
+METHOD_OPTIONS = {
+    "gast_": ("gast", "gast+ist"),
+    "ist_": ("ist", "gast+ist"),
+    "rst_": ("rst",),
+    "lisa_": ("lisa",),
+    "fisher_": ("fisher",),
+    "select_fraction": ("maxloss", "random-half", "gradnorm", "greats"),
+    "greats_": ("greats",),
+}
 
 
 @dataclass
@@ -37,6 +53,11 @@ class ModelConfig:
             raise GastuneError(f"unknown tuner '{self.tuner}'; choose one of {', '.join(TUNERS)}")
         if self.lora_r < 1:
             raise GastuneError(f"lora_r must be ≥ 1, got {self.lora_r}")
+        if self.lora_alpha == 0 and self.tuner != "ia3":
+            # scaling = alpha / r = 0: the adapter's output is zero and nothing trains
+            raise GastuneError("lora_alpha 0 makes the adapter's scaling 0: nothing would train")
+        if not 0 <= self.lora_dropout < 1:  # also catches NaN
+            raise GastuneError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
 
 @dataclass
@@ -131,9 +152,34 @@ class GastuneConfig(TrainingArguments):
     output_dir: str = field(
         default="runs/gastune", metadata={"help": "Where checkpoints and the adapter go."}
     )
+    # docs/reliability.md: what a run refuses and what a resume checks.
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Replace another run found in output_dir (its checkpoints are deleted)."},
+    )
+    resume_allow_mismatch: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume even if the checkpoint's model, method, batch or data differ "
+            "(never its adapter shape: tuner, lora_r, target_modules)."
+        },
+    )
+    max_skipped_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Optimizer steps that may train on no sample (all dropped as non-finite) "
+            "before the run fails."
+        },
+    )
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        self._check_before_trainer_arguments()
+        try:
+            super().__post_init__()
+        except ValueError as exc:  # transformers' own checks: keep the message, make it one line
+            if isinstance(exc, GastuneError):
+                raise
+            raise GastuneError(" ".join(str(exc).split())) from exc
         if self.method not in METHODS:
             raise GastuneError(f"unknown method '{self.method}'; choose one of {', '.join(sorted(METHODS))}")
         if self.gast_support not in ("train", "heldout", "batch"):
@@ -145,6 +191,42 @@ class GastuneConfig(TrainingArguments):
         k = self.gast_k
         if self.method.startswith("gast") and k >= 1 and int(k) > self.per_device_train_batch_size:
             raise GastuneError(f"gast_k={int(k)} exceeds the batch size {self.per_device_train_batch_size}")
+        ignored = self.ignored_options()
+        if ignored:
+            logger.warning(
+                "method %s ignores %s; they have no effect on this run", self.method, ", ".join(ignored)
+            )
+
+    def _check_before_trainer_arguments(self) -> None:
+        """Values that would otherwise fail late (after the model loaded) or train nothing."""
+        if self.per_device_train_batch_size < 1:
+            raise GastuneError(f"per_device_train_batch_size must be ≥ 1, got {self.per_device_train_batch_size}")
+        if self.gradient_accumulation_steps < 1:
+            raise GastuneError(f"gradient_accumulation_steps must be ≥ 1, got {self.gradient_accumulation_steps}")
+        if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
+            raise GastuneError(f"learning_rate must be a finite number ≥ 0, got {self.learning_rate}")
+        if self.bf16 and self.fp16:
+            raise GastuneError("bf16 and fp16 cannot both be on; choose one")
+        if self.max_steps == 0 or (self.max_steps < 0 and not self.num_train_epochs > 0):
+            what = "max_steps 0" if self.max_steps == 0 else f"num_train_epochs {self.num_train_epochs}"
+            raise GastuneError(f"{what} trains no step; give max_steps ≥ 1 or num_train_epochs > 0")
+        if not math.isfinite(self.gast_k):
+            raise GastuneError(f"gast_k must be a finite count or fraction, got {self.gast_k}")
+        if not math.isfinite(self.gast_temperature):
+            raise GastuneError(f"gast_temperature must be finite, got {self.gast_temperature}")
+        if self.max_skipped_steps < 0:
+            raise GastuneError(f"max_skipped_steps must be ≥ 0, got {self.max_skipped_steps}")
+
+    def ignored_options(self) -> list[str]:
+        """Method-specific options set to a non-default value that ``self.method`` never reads."""
+        out = []
+        for f in fields(GastuneConfig):
+            for prefix, methods in METHOD_OPTIONS.items():
+                if f.name.startswith(prefix) and self.method not in methods:
+                    if getattr(self, f.name) != f.default:
+                        out.append(f.name)
+                    break
+        return out
 
     def _check_baselines(self) -> None:
         fractions = {

@@ -26,15 +26,16 @@ import os
 from typing import Any
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerState
 from transformers.integrations import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 
 from gastune.engine.loss import per_sample_loss
-from gastune.errors import GastuneError
+from gastune.errors import GastuneError, TrainingFailed
 from gastune.methods import TrainingMethod, build_method
-from gastune.training import checkpoint
-from gastune.training.numerics import NonFiniteLoss, SampleGuard, zero_gradient_loss
+from gastune.training import checkpoint, identity
+from gastune.training.health import StepAccounting, StepCheck
+from gastune.training.numerics import NonFiniteLoss, SampleGuard, has_targets, zero_gradient_loss
 
 logger = logging.getLogger(__name__)
 
@@ -53,9 +54,13 @@ class GastuneMixin:
             method if method is not None else build_method(self.args, support_dataset=support_dataset)
         )
         self._method_ready = False
-        self._method_state: dict | None = None  # restored from a checkpoint, applied after setup()
+        self._method_state: tuple | None = None  # (state, file) from a checkpoint, applied after setup()
         self._staging_dir: str | None = None  # where _save_checkpoint is writing, while it is
         self.sample_guard = SampleGuard()
+        self.step_accounting = StepAccounting()  # gastune.training.health
+        self.add_callback(StepCheck(self))
+        self._identity: dict | None = None
+        self._resume_mismatch: list[str] = []  # identity keys allowed to differ on this resume
         check_sharding(self)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -75,20 +80,24 @@ class GastuneMixin:
             self.method.setup(self, model)  # seeds the method's generators…
             self._method_ready = True
             if self._method_state is not None:  # …so a resumed state goes in after it
-                self.method.load_state_dict(self._method_state)
+                self._apply_method_state(*self._method_state)
                 self._method_state = None
         # See gastune.training.numerics: samples that cannot train are taken out of the step.
         inputs = self.sample_guard.drop_no_target(inputs)
+        ga_steps = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
         while True:
             try:
-                return self._method_step(model, inputs, num_items_in_batch)
+                loss = self._method_step(model, inputs, num_items_in_batch)
+                self.step_accounting.trained(int(has_targets(inputs["labels"]).sum()), ga_steps)
+                return loss
             except NonFiniteLoss as bad:
                 inputs = self.sample_guard.drop_nonfinite(inputs, bad)
                 # The re-run uses the unwrapped model: another forward of the DDP wrapper
                 # would start collectives (buffer broadcast) the other ranks never join.
                 model = self.accelerator.unwrap_model(model)
-                if inputs is None:
+                if inputs is None:  # skipped: counted by gastune.training.health, loss not logged
                     self.accelerator.backward(zero_gradient_loss(model))
+                    self.step_accounting.trained(0, ga_steps)
                     return torch.zeros((), device=self.args.device)
 
     def plain_training_step(self, model, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
@@ -113,12 +122,56 @@ class GastuneMixin:
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs:  # a training log: add what the method measured since the last one
             logs = {**logs, **self.method.metrics(), **self.sample_guard.metrics()}
+            logs = self.step_accounting.fix_logged_loss(logs, self.args.world_size)
+        if "train_loss" in logs:  # the end of train(): in place, so the returned metrics agree
+            logs["train_loss"] = self.step_accounting.fixed_train_loss(logs["train_loss"], self.args.world_size)
         super().log(logs, *args, **kwargs)
 
     # ------------------------------------------------------------ checkpoints
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """The Trainer's ``train``, with the checks of docs/reliability.md: the checkpoint is
+        verified and must come from the same run; a finished run is not trained again; a run
+        that trained on no sample fails."""
         resume = checkpoint.resolve_resume(resume_from_checkpoint, self.args.output_dir)
-        return super().train(resume, *args, **kwargs)
+        self.step_accounting = StepAccounting()
+        if resume is not None:
+            finished = self._check_resume(resume)
+            if finished is not None:
+                return finished
+        output = super().train(resume, *args, **kwargs)
+        accounting = self.step_accounting
+        if accounting.run_steps and accounting.run_units == 0:
+            raise TrainingFailed(
+                f"all {accounting.run_steps} steps trained on no sample (every sample was dropped as "
+                "non-finite or had no target token); no adapter was saved"
+            )
+        return TrainOutput(output.global_step, output.metrics.get("train_loss", output.training_loss), output.metrics)
+
+    def run_identity(self) -> dict:
+        """What this run is (``gastune.training.identity``); saved in every checkpoint."""
+        if self._identity is None:
+            self._identity = identity.run_identity(self)
+        return self._identity
+
+    def _check_resume(self, resume: str) -> TrainOutput | None:
+        """Refuse a checkpoint of another run; for a finished run, load its final weights and
+        return its result instead of training further."""
+        manifest = checkpoint.read_manifest(resume)
+        self._resume_mismatch = identity.check_same_run(
+            (manifest or {}).get("run"),
+            self.run_identity(),
+            resume,
+            allow=getattr(self.args, "resume_allow_mismatch", False),
+        )
+        identity.check_adapter_shapes(self.accelerator.unwrap_model(self.model), resume)
+        progress = checkpoint.saved_progress(resume)
+        if not _finished(progress, self.args):
+            return None
+        step = progress["global_step"]
+        logger.warning("%s is the end of a finished run (step %d of %d): nothing to train", resume, step, step)
+        self._load_from_checkpoint(resume)
+        self.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
+        return TrainOutput(step, float("nan"), {"already_finished_at_step": step})
 
     def _get_output_dir(self, trial) -> str:
         # While a checkpoint is being written, the Trainer writes into the staging folder.
@@ -146,6 +199,7 @@ class GastuneMixin:
         self.accelerator.wait_for_everyone()  # every rank has written its files
         if self.args.should_save:
             self._fix_best_checkpoint(run_dir, staged)
+            checkpoint.write_manifest(staged, self.run_identity())  # last: it lists the sizes
             checkpoint.publish(staged, os.path.join(run_dir, folder))
             rotate_checkpoints(
                 output_dir=run_dir,
@@ -173,6 +227,9 @@ class GastuneMixin:
         state = checkpoint.load_method_state(
             resume_from_checkpoint, self.args.process_index, self.args.world_size
         )
+        if "method" in self._resume_mismatch:  # allowed by resume_allow_mismatch
+            logger.warning("%s was made with another method: its method state is not loaded", resume_from_checkpoint)
+            return
         if state is None:
             if self.method.state_dict():
                 logger.warning(
@@ -183,10 +240,31 @@ class GastuneMixin:
                     self.args.process_index,
                 )
             return
+        source = str(checkpoint.method_state_path(resume_from_checkpoint, self.args.process_index, self.args.world_size))
         if self._method_ready:
-            self.method.load_state_dict(state)
+            self._apply_method_state(state, source)
         else:
-            self._method_state = state
+            self._method_state = (state, source)
+
+    def _apply_method_state(self, state: dict, source: str) -> None:
+        try:
+            self.method.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as exc:
+            raise GastuneError(
+                f"{source} does not fit method {self.method.name} ({type(exc).__name__}: {exc}); "
+                "was the checkpoint made with another --method?"
+            ) from exc
+
+
+def _finished(progress: dict, args) -> bool:
+    """A checkpoint is the end of the run being asked for: its step reached its schedule's end,
+    and this run asks for no more steps or epochs than that schedule had."""
+    step, saved_max = progress.get("global_step") or 0, progress.get("max_steps") or 0
+    if not step or step < saved_max:
+        return False
+    if args.max_steps > 0:
+        return args.max_steps <= step
+    return args.num_train_epochs <= (progress.get("num_train_epochs") or 0)
 
 
 def check_sharding(trainer) -> None:
