@@ -51,6 +51,10 @@ def run(args) -> int:
     result = train(model_cfg, data_cfg, config)
     if result.trainer.is_world_process_zero():  # one line for the run, not one per rank
         check_adapter_written(config.output_dir)
+        finished = result.metrics.get("already_finished_at_step")
+        if finished is not None:  # a resume of a run that had finished: nothing was trained
+            print(f"the run in {config.output_dir} had already finished at step {finished}; nothing trained")
+            return 0
         print(
             f"saved the {config.method} adapter to {config.output_dir}; train loss {result.metrics.get('train_loss', float('nan')):.4f}"
         )

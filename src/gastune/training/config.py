@@ -18,6 +18,8 @@ from gastune.training.adapters import TUNERS
 
 logger = logging.getLogger(__name__)
 
+FLOAT32_MAX = 3.4028234663852886e38
+
 # Which methods read which method-specific options (docs/methods.md); an option set to a
 # non-default value for any other method is reported by ``ignored_options``.
 METHOD_OPTIONS = {
@@ -203,7 +205,7 @@ class GastuneConfig(TrainingArguments):
             raise GastuneError(f"per_device_train_batch_size must be ≥ 1, got {self.per_device_train_batch_size}")
         if self.gradient_accumulation_steps < 1:
             raise GastuneError(f"gradient_accumulation_steps must be ≥ 1, got {self.gradient_accumulation_steps}")
-        if not (math.isfinite(self.learning_rate) and self.learning_rate >= 0):
+        if not (0 <= self.learning_rate < FLOAT32_MAX):  # also NaN; a larger one overflows the optimizer
             raise GastuneError(f"learning_rate must be a finite number ≥ 0, got {self.learning_rate}")
         if self.bf16 and self.fp16:
             raise GastuneError("bf16 and fp16 cannot both be on; choose one")
@@ -219,14 +221,9 @@ class GastuneConfig(TrainingArguments):
 
     def ignored_options(self) -> list[str]:
         """Method-specific options set to a non-default value that ``self.method`` never reads."""
-        out = []
-        for f in fields(GastuneConfig):
-            for prefix, methods in METHOD_OPTIONS.items():
-                if f.name.startswith(prefix) and self.method not in methods:
-                    if getattr(self, f.name) != f.default:
-                        out.append(f.name)
-                    break
-        return out
+        changed = [f.name for f in fields(GastuneConfig) if getattr(self, f.name) != f.default]
+        return options_ignored_by(self.method, changed)
+
 
     def _check_baselines(self) -> None:
         fractions = {
@@ -271,3 +268,19 @@ class GastuneConfig(TrainingArguments):
             temperature=self.gast_temperature,
             granularity=self.gast_granularity,
         )
+
+
+def options_ignored_by(method: str, names: list[str]) -> list[str]:
+    """The method-specific options among ``names`` that ``method`` never reads.
+
+    >>> options_ignored_by("lora", ["gast_k", "learning_rate", "ist_interval"])
+    ['gast_k', 'ist_interval']
+    """
+    out = []
+    for name in dict.fromkeys(names):
+        for prefix, methods in METHOD_OPTIONS.items():
+            if name.startswith(prefix):
+                if method not in methods:
+                    out.append(name)
+                break
+    return out

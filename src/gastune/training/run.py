@@ -18,8 +18,10 @@ from transformers import set_seed
 
 from gastune.errors import GastuneError
 from gastune.models import find_decoder_blocks, load_model, load_tokenizer
+from gastune.training import checkpoint
 from gastune.training.adapters import apply_adapter
 from gastune.training.config import DataConfig, GastuneConfig, ModelConfig
+from gastune.training.output_dir import prepare_output_dir
 from gastune.training.trainer import GastuneTrainer
 
 logger = logging.getLogger(__name__)
@@ -88,11 +90,27 @@ def train(
         raise GastuneError(
             "gast_support=heldout needs --support_data (a file, folder or 'commonsense-validation')"
         )
+    # Before anything heavy: the output folder, and the checkpoint a resume would use
+    # (docs/reliability.md).
+    resume = checkpoint.resolve_resume(config.resume_from_checkpoint, config.output_dir)
+    prepare_output_dir(
+        config.output_dir,
+        model_cfg.model,
+        resume=resume is not None,
+        overwrite=config.overwrite_output_dir,
+        main=config.process_index == 0,
+    )
     tokenizer = load_tokenizer(model_cfg.model)
     records = load_training_records(data_cfg)
     dataset = build_dataset(records, tokenizer, data_cfg)
     if len(dataset) == 0:
         raise GastuneError(f"the training data '{data_cfg.data}' is empty")
+    batch = config.per_device_train_batch_size * config.world_size
+    if config.dataloader_drop_last and len(dataset) < batch:  # the Trainer would fail deep inside
+        raise GastuneError(
+            f"{len(dataset)} training sequences make no full batch of {batch} with dataloader_drop_last: "
+            "no optimizer step would run"
+        )
     support = None
     if data_cfg.support_data:
         support = build_dataset(
@@ -132,7 +150,7 @@ def train(
         support_dataset=support,
         callbacks=callbacks,
     )
-    output = trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    output = trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(config.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(config.output_dir)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from typing import Any
 
 import torch
@@ -134,6 +135,18 @@ class GastuneMixin:
         that trained on no sample fails."""
         resume = checkpoint.resolve_resume(resume_from_checkpoint, self.args.output_dir)
         self.step_accounting = StepAccounting()
+        earlier = checkpoint.checkpoints_newest_first(self.args.output_dir) if resume is None else []
+        if earlier:  # new checkpoints would mix with another run's (docs/reliability.md)
+            if not getattr(self.args, "overwrite_output_dir", False):
+                raise GastuneError(
+                    f"output_dir {self.args.output_dir} already holds checkpoints of another run "
+                    f"({earlier[0].name}); resume it, set overwrite_output_dir, or choose another output_dir"
+                )
+            if self.args.should_save:
+                logger.warning("overwrite_output_dir: deleting %d earlier checkpoints", len(earlier))
+                for folder in earlier:
+                    shutil.rmtree(folder)
+            self.accelerator.wait_for_everyone()
         if resume is not None:
             finished = self._check_resume(resume)
             if finished is not None:
