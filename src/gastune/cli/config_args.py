@@ -98,4 +98,6 @@ def check_method_flags(method: str, given: list[str]) -> None:
     ignored = options_ignored_by(method, given)
     if ignored:
         flags = ", ".join(f"--{name}" for name in ignored)
-        raise GastuneError(f"{flags} has no effect with --method {method}; drop it or choose a method that uses it")
+        raise GastuneError(
+            f"{flags} has no effect with --method {method}; drop it or choose a method that uses it"
+        )

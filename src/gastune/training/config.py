@@ -202,9 +202,13 @@ class GastuneConfig(TrainingArguments):
     def _check_before_trainer_arguments(self) -> None:
         """Values that would otherwise fail late (after the model loaded) or train nothing."""
         if self.per_device_train_batch_size < 1:
-            raise GastuneError(f"per_device_train_batch_size must be ≥ 1, got {self.per_device_train_batch_size}")
+            raise GastuneError(
+                f"per_device_train_batch_size must be ≥ 1, got {self.per_device_train_batch_size}"
+            )
         if self.gradient_accumulation_steps < 1:
-            raise GastuneError(f"gradient_accumulation_steps must be ≥ 1, got {self.gradient_accumulation_steps}")
+            raise GastuneError(
+                f"gradient_accumulation_steps must be ≥ 1, got {self.gradient_accumulation_steps}"
+            )
         if not (0 <= self.learning_rate < FLOAT32_MAX):  # also NaN; a larger one overflows the optimizer
             raise GastuneError(f"learning_rate must be a finite number ≥ 0, got {self.learning_rate}")
         if self.bf16 and self.fp16:
@@ -223,7 +227,6 @@ class GastuneConfig(TrainingArguments):
         """Method-specific options set to a non-default value that ``self.method`` never reads."""
         changed = [f.name for f in fields(GastuneConfig) if getattr(self, f.name) != f.default]
         return options_ignored_by(self.method, changed)
-
 
     def _check_baselines(self) -> None:
         fractions = {

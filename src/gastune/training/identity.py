@@ -32,7 +32,7 @@ def run_identity(trainer) -> dict[str, Any]:
     model = trainer.accelerator.unwrap_model(trainer.model)
     args = trainer.args
     identity: dict[str, Any] = {"model": getattr(getattr(model, "config", None), "_name_or_path", None)}
-    identity["method"] = trainer.method.name
+    identity["method"] = getattr(args, "method", None) or trainer.method.name
     identity.update(_adapter_identity(model))
     identity["per_device_train_batch_size"] = args.per_device_train_batch_size
     identity["gradient_accumulation_steps"] = args.gradient_accumulation_steps
@@ -84,7 +84,9 @@ def _norm(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-def check_same_run(saved: dict[str, Any] | None, current: dict[str, Any], folder: str, allow: bool) -> list[str]:
+def check_same_run(
+    saved: dict[str, Any] | None, current: dict[str, Any], folder: str, allow: bool
+) -> list[str]:
     """Fail unless the checkpoint in ``folder`` was made by a run with ``current``'s identity.
 
     Returns the keys that differ and were allowed (``allow``: all but the shape keys).
@@ -96,7 +98,9 @@ def check_same_run(saved: dict[str, Any] | None, current: dict[str, Any], folder
     diff = differences(saved, current)
     if not diff:
         return []
-    described = ", ".join(f"{k} ({_short(saved[k])} in the checkpoint, {_short(current[k])} now)" for k in diff)
+    described = ", ".join(
+        f"{k} ({_short(saved[k])} in the checkpoint, {_short(current[k])} now)" for k in diff
+    )
     shape = [k for k in diff if k in SHAPE_KEYS]
     if shape:
         raise GastuneError(

@@ -41,7 +41,9 @@ def run_artifacts(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     found = [folder / name for name in RUN_FILES if (folder / name).exists()]
-    found += sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(("checkpoint-", "tmp-checkpoint-")))
+    found += sorted(
+        p for p in folder.iterdir() if p.is_dir() and p.name.startswith(("checkpoint-", "tmp-checkpoint-"))
+    )
     return found
 
 
@@ -68,7 +70,11 @@ def check_writable(folder: Path, min_free: int = MIN_FREE_BYTES) -> None:
 
 
 def prepare_output_dir(
-    output_dir: str | os.PathLike, model: str, resume: bool = False, overwrite: bool = False, main: bool = True
+    output_dir: str | os.PathLike,
+    model: str,
+    resume: bool = False,
+    overwrite: bool = False,
+    main: bool = True,
 ) -> None:
     """Run the checks of the module docstring; with ``overwrite``, delete the other run's
     checkpoints and adapter (only on the ``main`` process of a multi-process run)."""

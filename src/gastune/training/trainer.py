@@ -125,7 +125,9 @@ class GastuneMixin:
             logs = {**logs, **self.method.metrics(), **self.sample_guard.metrics()}
             logs = self.step_accounting.fix_logged_loss(logs, self.args.world_size)
         if "train_loss" in logs:  # the end of train(): in place, so the returned metrics agree
-            logs["train_loss"] = self.step_accounting.fixed_train_loss(logs["train_loss"], self.args.world_size)
+            logs["train_loss"] = self.step_accounting.fixed_train_loss(
+                logs["train_loss"], self.args.world_size
+            )
         super().log(logs, *args, **kwargs)
 
     # ------------------------------------------------------------ checkpoints
@@ -158,7 +160,9 @@ class GastuneMixin:
                 f"all {accounting.run_steps} steps trained on no sample (every sample was dropped as "
                 "non-finite or had no target token); no adapter was saved"
             )
-        return TrainOutput(output.global_step, output.metrics.get("train_loss", output.training_loss), output.metrics)
+        return TrainOutput(
+            output.global_step, output.metrics.get("train_loss", output.training_loss), output.metrics
+        )
 
     def run_identity(self) -> dict:
         """What this run is (``gastune.training.identity``); saved in every checkpoint."""
@@ -181,7 +185,9 @@ class GastuneMixin:
         if not _finished(progress, self.args):
             return None
         step = progress["global_step"]
-        logger.warning("%s is the end of a finished run (step %d of %d): nothing to train", resume, step, step)
+        logger.warning(
+            "%s is the end of a finished run (step %d of %d): nothing to train", resume, step, step
+        )
         self._load_from_checkpoint(resume)
         self.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
         return TrainOutput(step, float("nan"), {"already_finished_at_step": step})
@@ -241,7 +247,9 @@ class GastuneMixin:
             resume_from_checkpoint, self.args.process_index, self.args.world_size
         )
         if "method" in self._resume_mismatch:  # allowed by resume_allow_mismatch
-            logger.warning("%s was made with another method: its method state is not loaded", resume_from_checkpoint)
+            logger.warning(
+                "%s was made with another method: its method state is not loaded", resume_from_checkpoint
+            )
             return
         if state is None:
             if self.method.state_dict():
@@ -253,7 +261,11 @@ class GastuneMixin:
                     self.args.process_index,
                 )
             return
-        source = str(checkpoint.method_state_path(resume_from_checkpoint, self.args.process_index, self.args.world_size))
+        source = str(
+            checkpoint.method_state_path(
+                resume_from_checkpoint, self.args.process_index, self.args.world_size
+            )
+        )
         if self._method_ready:
             self._apply_method_state(state, source)
         else:
