@@ -138,7 +138,7 @@ def test_a_nan_sample_is_dropped_from_the_whole_step(method, caplog):
 def test_every_sample_nan_fails_the_run_by_default():
     model = model_with_head()
     before = trainable(model)
-    with pytest.raises(TrainingFailed, match="step 1 trained on no sample.*max_skipped_steps=0"):
+    with pytest.raises(TrainingFailed, match=r"step 1 trained on no sample.*max_skipped_steps=0"):
         train_recording(model, rows(poisoned=(0, 1, 2, 3)), method="gast")
     assert all(torch.equal(p, before[n]) for n, p in trainable(model).items())
 

@@ -15,8 +15,8 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from gastune.training import METHODS, GastuneConfig, GastuneTrainer
 from gastune.errors import GastuneError
+from gastune.training import METHODS, GastuneConfig, GastuneTrainer
 from gastune.training.checkpoint import MANIFEST_NAME, METHOD_STATE_NAME
 from tests import helpers
 from tests.helpers import row_dataset, stack_rows

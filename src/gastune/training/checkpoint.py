@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from gastune.errors import GastuneError
 
 logger = logging.getLogger(__name__)

@@ -129,7 +129,7 @@ def check_adapter_shapes(model, folder: str) -> None:
 
     expected = {k: tuple(v.shape) for k, v in get_peft_model_state_dict(model).items()}
     with safe_open(str(path), framework="pt") as f:
-        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (a safe_open handle is not a dict)
     for key in sorted(expected.keys() | saved.keys()):
         if expected.get(key) != saved.get(key):
             raise GastuneError(
