@@ -27,7 +27,7 @@ def _lora_a(model_dir, data, seed, out):
     config = GastuneConfig(
         output_dir=str(out),
         method="lora",
-        max_steps=0,
+        max_steps=1,  # B starts at 0, so A's gradient is 0: one step leaves A at its initialisation
         seed=seed,
         use_cpu=True,
         save_strategy="no",

@@ -115,6 +115,7 @@ def run(args) -> int:
             lr_scheduler_type="linear",
             logging_steps=4,
             save_strategy="no",
+            overwrite_output_dir=True,  # a demo re-run replaces the previous demo's adapters
             seed=args.seed,
             gast_k=args.gast_k,
             gast_support_size=args.gast_support_size,

@@ -175,6 +175,8 @@ def run_one(grid: Grid, run: RunSpec) -> dict[str, Any]:
         torch.set_num_threads(grid.threads)
     settings = grid.settings(run)
     model_cfg, data_cfg, config = build_configs(settings)
+    # A run being (re)run has no result: what its folder holds is a stale, failed attempt.
+    config.overwrite_output_dir = True
     records = _eval_records(grid)  # before training: a bad eval file fails in seconds
     # train() builds the adapter before the Trainer seeds: seed here so that the adapter's
     # initialisation, too, is the run's seed (and independent of earlier runs in the process).
