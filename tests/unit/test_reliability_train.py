@@ -378,12 +378,18 @@ def test_resume_true_with_no_complete_checkpoint_lists_why(
 
 
 # ------------------------------------------------------------ 1. divergence is a failure
-def test_a_diverging_run_exits_3_and_leaves_only_the_last_good_checkpoint(model_dir, data, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "method", [["--method", "lora"], ["--method", "gast", "--gast_k", "2"]], ids=["lora", "gast"]
+)
+def test_a_diverging_run_exits_3_and_leaves_only_the_last_good_checkpoint(
+    method, model_dir, data, tmp_path, capsys
+):
+    """The issue's LoRA lr-100 and GAST lr-1e10 runs exited 0 with a broken adapter."""
     out = tmp_path / "run"
     argv = train_argv(
         model_dir, data, out, "--learning_rate", "1e30", "--max_steps", "6", "--save_steps", "1"
     )
-    code, err = cli([*argv, "--optim", "sgd"], capsys)
+    code, err = cli([*argv, "--optim", "sgd", *method], capsys)
     assert code == 3
     assert_one_error_line(err, "step 2 trained on no sample", "the last good checkpoint is", "checkpoint-1")
     assert no_final_adapter(out)
