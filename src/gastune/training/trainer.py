@@ -137,6 +137,7 @@ class GastuneMixin:
         that trained on no sample fails."""
         resume = checkpoint.resolve_resume(resume_from_checkpoint, self.args.output_dir)
         self.step_accounting = StepAccounting()
+        self._resume_mismatch = []
         earlier = checkpoint.checkpoints_newest_first(self.args.output_dir) if resume is None else []
         if earlier:  # new checkpoints would mix with another run's (docs/reliability.md)
             if not getattr(self.args, "overwrite_output_dir", False):
