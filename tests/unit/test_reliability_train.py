@@ -189,3 +189,32 @@ def test_non_finite_weights_after_a_step_stop_the_run_before_that_step_is_saved(
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1"]
     saved = load_file(out / "checkpoint-1" / ADAPTER)
     assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+def test_a_skipped_micro_batch_under_gradient_accumulation_does_not_dilute_the_logged_loss(tmp_path):
+    """GA 2: the first micro-batch of the step is all NaN and dropped, the second trains. The
+    step is not skipped, and its logged loss is that of the micro-batch that trained (what a
+    GA-1 run on those rows alone logs), not half of it."""
+    from gastune.training import GastuneTrainer
+    from tests.helpers import lora_model, row_dataset, sgd_config, stack_rows
+    from tests.unit.test_numerics import POISON
+
+    rows = row_dataset(n=8)
+    for row in rows[:4]:
+        row["input_ids"] = row["input_ids"].clone()
+        row["input_ids"][3] = POISON
+
+    def logged_loss(data, **overrides) -> float:
+        model = lora_model()
+        with torch.no_grad():
+            model.get_input_embeddings().weight[POISON] = float("inf")
+        args = sgd_config(output_dir=str(tmp_path), train_sampling_strategy="sequential", **overrides)
+        trainer = GastuneTrainer(model=model, args=args, train_dataset=data, data_collator=stack_rows)
+        trainer.train()
+        (log,) = [h for h in trainer.state.log_history if "loss" in h]
+        assert log["numerics/skipped_steps"] == 0
+        return log["loss"]
+
+    accumulated = logged_loss(rows, gradient_accumulation_steps=2)
+    alone = logged_loss(rows[4:])
+    assert accumulated == pytest.approx(alone, rel=1e-4)
