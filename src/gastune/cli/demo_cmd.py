@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from gastune.data.prompts import PROMPT_FORMATS
+from gastune.data.prompts import PROMPT_FORMATS, default_rule
 
 
 def add_parser(sub) -> None:
@@ -93,7 +93,7 @@ def run(args) -> int:
     eval_records = load_commonsense(
         "validation", per_task=args.eval_per_task, seed=args.seed, prompt_format=args.format
     )
-    rule = args.rule or ("mean" if args.format == "rc" else "sum")
+    rule = args.rule or default_rule(args.format)
 
     def evaluate(model):
         return evaluate_commonsense(model, tokenizer, eval_records, rule=rule, prompt_format=args.format)

@@ -10,7 +10,10 @@ Usage:
     gastune eval --adapter runs/lora --per-task 50 --out lora.json --compare base.json
     gastune eval --adapter runs/lora --protocol generate --num-beams 4 --per-task 50
     gastune eval --adapter runs/lora --gsm8k --per-task 100 --max-new-tokens 256
-    gastune eval --adapter runs/demo/lora --format rc --rule mean --per-task 40
+    gastune eval --adapter runs/demo/lora --per-task 40   # the format/rule it was trained with
+
+With ``--adapter``, ``--format`` and ``--rule`` default to what the adapter's
+``gastune_config.json`` records (the prompt format it was trained on); explicit flags win.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import logging
 import time
 from pathlib import Path
 
-from gastune.data.prompts import COMMONSENSE_TASKS, PROMPT_FORMATS
+from gastune.data.prompts import COMMONSENSE_TASKS, PROMPT_FORMATS, default_rule
 from gastune.errors import GastuneError
 
 logger = logging.getLogger(__name__)
@@ -54,10 +57,10 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument(
         "--format",
-        default="mc",
+        default=None,
         choices=PROMPT_FORMATS,
         help="loglik: rank the labels of the LLM-Adapters prompt (mc) or the options' texts after "
-        "the bare question (rc) (default: %(default)s)",
+        "the bare question (rc) (default: the adapter's recorded format, else mc)",
     )
     parser.add_argument(
         "--gsm8k", action="store_true", help="evaluate GSM8K test (generation, final number) instead"
@@ -74,7 +77,11 @@ def add_parser(subparsers) -> None:
         "--batch-size", type=int, default=16, help="questions per forward pass / generate call"
     )
     parser.add_argument(
-        "--rule", default="sum", choices=("sum", "mean"), help="rank candidates by summed or mean log-prob"
+        "--rule",
+        default=None,
+        choices=("sum", "mean"),
+        help="rank candidates by summed or mean log-prob (default: the adapter's recorded rule, "
+        "else mean for rc and sum for mc)",
     )
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument(
@@ -113,6 +120,40 @@ def adapter_method(adapter: str | None) -> str | None:
         return None  # an adapter trained elsewhere: no record of how
 
 
+def adapter_scoring(adapter: str | None) -> dict:
+    """The ``{"format", "rule"}`` recorded in an adapter's ``gastune_config.json`` (may be empty).
+
+    Adapters saved before the ``eval`` record existed give their training prompt format.
+    """
+    if adapter is None:
+        return {}
+    try:
+        settings = json.loads((Path(adapter) / "gastune_config.json").read_text())
+        recorded = settings.get("eval") or {}
+        fmt = recorded.get("format") or (settings.get("data") or {}).get("prompt_format")
+    except (OSError, ValueError, AttributeError):
+        return {}  # an adapter trained elsewhere: no record of how
+    if fmt not in PROMPT_FORMATS:
+        return {}
+    rule = recorded.get("rule")
+    return {"format": fmt, "rule": rule if rule in ("sum", "mean") else default_rule(fmt)}
+
+
+def _resolve_scoring(args: argparse.Namespace) -> None:
+    """Fill ``--format``/``--rule`` left unset: from the adapter's record, else mc and its rule."""
+    recorded = {} if args.gsm8k else adapter_scoring(args.adapter)
+    if args.protocol == "generate" and args.format is None:
+        recorded = {}  # generation names labels: the mc prompt, whatever the adapter trained on
+    if recorded and (args.format is None or args.rule is None):
+        told = [f"--{k} {recorded[k]}" for k in ("format", "rule") if getattr(args, k) is None]
+        if args.format is None or args.format == recorded["format"]:
+            print(f"using {' '.join(told)} (recorded with the adapter)")
+            args.format = args.format or recorded["format"]
+            args.rule = args.rule or recorded["rule"]
+    args.format = args.format or "mc"
+    args.rule = args.rule or default_rule(args.format)
+
+
 def _check(args: argparse.Namespace) -> None:
     for flag in ("per_task", "num_beams", "max_new_tokens", "batch_size"):
         value = getattr(args, flag)
@@ -121,7 +162,7 @@ def _check(args: argparse.Namespace) -> None:
     if args.format == "rc" and args.protocol == "generate":
         raise GastuneError("--format rc ranks option texts by log-likelihood: use it with --protocol loglik")
     if args.gsm8k and (
-        args.tasks or args.split != "validation" or args.protocol != "loglik" or args.format != "mc"
+        args.tasks or args.split != "validation" or args.protocol != "loglik" or args.format is not None
     ):
         raise GastuneError(
             "--gsm8k evaluates the GSM8K test split by generation: drop --tasks/--split/--protocol/--format"
@@ -181,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     _check(args)
+    _resolve_scoring(args)
     # Read the comparison file first, so that a wrong path fails before minutes of scoring.
     before = read_results(args.compare) if args.compare else None
     if args.threads is not None:

@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "data": "data_cmd",
     "demo": "demo_cmd",
     "bench": "bench_cmd",
+    "export": "export_cmd",
 }
 
 

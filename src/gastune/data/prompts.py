@@ -41,6 +41,17 @@ def check_prompt_format(prompt_format: str) -> None:
         )
 
 
+def default_rule(prompt_format: str) -> str:
+    """How to rank a format's candidates: ``"mean"`` token log-prob for ``"rc"`` (option texts
+    differ in length), ``"sum"`` for ``"mc"`` (labels are equally long).
+
+    Example:
+        >>> default_rule("rc"), default_rule("mc")
+        ('mean', 'sum')
+    """
+    return "mean" if prompt_format == "rc" else "sum"
+
+
 def format_prompt(instruction: str, input_text: str = "") -> str:
     """The Alpaca-style prompt up to and including ``### Response:\\n``."""
     if input_text:

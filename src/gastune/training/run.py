@@ -18,6 +18,7 @@ from transformers import set_seed
 
 from gastune.errors import GastuneError
 from gastune.models import find_decoder_blocks, load_model, load_tokenizer
+from gastune.models.portable import describe_base, make_portable
 from gastune.training import checkpoint
 from gastune.training.adapters import apply_adapter
 from gastune.training.config import DataConfig, GastuneConfig, ModelConfig
@@ -84,6 +85,7 @@ def train(
     ``PeftModel.from_pretrained``), with the tokenizer and ``gastune_config.json``.
     """
     from gastune.data import CausalLMCollator
+    from gastune.data.prompts import default_rule
 
     tuner = resolve_tuner(model_cfg, config.method)
     if config.gast_support == "heldout" and not data_cfg.support_data and config.method.startswith("gast"):
@@ -159,9 +161,13 @@ def train(
             "data": asdict(data_cfg),
             "tuner": tuner,
             "method": config.method,
+            "base_model": describe_base(model_cfg.model),
+            # How to score this adapter: `gastune eval` reads these unless told otherwise.
+            "eval": {"format": data_cfg.prompt_format, "rule": default_rule(data_cfg.prompt_format)},
         }
         settings["training"] = json.loads(config.to_json_string())
         (Path(config.output_dir) / "gastune_config.json").write_text(
             json.dumps(settings, indent=2, default=str)
         )
+        make_portable(config.output_dir, model_cfg.model)
     return TrainResult(trainer=trainer, model=model, tokenizer=tokenizer, metrics=dict(output.metrics))
