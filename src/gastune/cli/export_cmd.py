@@ -66,7 +66,9 @@ def _check_folders(adapter: Path, out: Path) -> None:
         raise GastuneError("--out must differ from --adapter")
 
 
-def export_adapter(adapter: str | Path, out: str | Path, merge: bool = False, model: str | None = None) -> Path:
+def export_adapter(
+    adapter: str | Path, out: str | Path, merge: bool = False, model: str | None = None
+) -> Path:
     """Write ``adapter`` as a clean peft folder, or merged into its base, to ``out``.
 
     The folder is written under a temporary name and renamed at the end, so a failed export
@@ -90,7 +92,9 @@ def export_adapter(adapter: str | Path, out: str | Path, merge: bool = False, mo
 
             peft_model = PeftModel.from_pretrained(load_model(base), str(adapter))
             if not hasattr(peft_model, "merge_and_unload"):
-                raise GastuneError(f"a {peft_model.peft_config['default'].peft_type} adapter cannot be merged")
+                raise GastuneError(
+                    f"a {peft_model.peft_config['default'].peft_type} adapter cannot be merged"
+                )
             try:
                 merged = peft_model.merge_and_unload()
             except (AttributeError, NotImplementedError, ValueError) as exc:
