@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-integration lint bench clean
+.PHONY: setup demo demo-results test test-integration lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PY) -m venv $(VENV)
@@ -19,6 +19,11 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/gastune demo
+
+# The committed demo result: reruns the demo, writes docs/results/demo_cpu.json and the heat
+# map beside it, and rewrites README.md's demo-results section from that JSON.
+demo-results: $(STAMP)
+	$(BIN)/gastune demo --publish
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

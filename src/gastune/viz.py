@@ -112,5 +112,6 @@ def plot_selection_heatmap(
     fig.colorbar(image, ax=ax, label="share selected")
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=100)
+    # "tight" grows the saved area to every artist, so a title wider than the axes is not cut.
+    fig.savefig(path, dpi=100, bbox_inches="tight", pad_inches=0.15)
     return path

@@ -57,3 +57,58 @@ def test_demo_trains_evaluates_and_writes_results(model_dir, tmp_path, capsys, f
     base_scores = [s for p in base.predictions for s in p.sum_logprobs]
     tuned_scores = [s for p in tuned.predictions for s in p.sum_logprobs]
     assert max(abs(a - b) for a, b in zip(base_scores, tuned_scores)) > 1e-2
+    # Costs: both methods timed, GAST's ratio to LoRA printed from the same numbers.
+    lora, gast = doc["training"]["lora"], doc["training"]["gast"]
+    assert lora["train_runtime"] > 0 and gast["train_runtime"] > 0
+    assert f"{gast['train_runtime'] / lora['train_runtime']:.2f}× lora's time" in printed
+    assert doc["threads"]["threads"] >= 1
+    # GAST's selection heat map: a PNG (LoRA selects nothing, so it has none).
+    assert (out / "gast_selection.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (out / "lora_selection.png").exists()
+
+
+def test_publish_writes_the_json_and_the_readme_block_from_it(model_dir, tmp_path, monkeypatch, capsys):
+    from gastune.cli.demo_report import BEGIN, END
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs" / "results").mkdir(parents=True)
+    (tmp_path / "README.md").write_text(f"# intro\n\n{BEGIN}\nold numbers 0.999\n{END}\n\n## after\n")
+    argv = ["demo", "--model", str(model_dir), "--methods", "lora,gast", "--train-per-task", "1"]
+    argv += ["--eval-per-task", "1", "--max-steps", "1", "--batch-size", "4", "--gast-k", "2"]
+    argv += ["--output-dir", str(tmp_path / "demo"), "--threads", "1", "--publish"]
+    assert main(argv) == 0
+    doc = json.loads((tmp_path / "docs/results/demo_cpu.json").read_text())
+    assert doc["threads"] == {"threads": 1, "chosen_by": "--threads"}
+    readme = (tmp_path / "README.md").read_text()
+    assert readme.startswith("# intro\n") and readme.endswith("\n## after\n")
+    assert "old numbers" not in readme
+    block = readme[readme.index(BEGIN) : readme.index(END)]
+    for name in ("before", "lora", "gast"):
+        assert f"{doc['results'][name]['average']:.3f}" in block
+    assert "docs/results/demo_gast_selection.png" in block
+    assert (tmp_path / "docs/results/demo_gast_selection.png").is_file()
+
+
+def test_publish_refuses_a_readme_without_the_section(tmp_path):
+    from gastune.cli.demo_report import replace_block
+    from gastune.errors import GastuneError
+
+    with pytest.raises(GastuneError, match="demo-results"):
+        replace_block("# no markers here\n", "block")
+
+
+def test_thread_count_choice(monkeypatch):
+    from gastune.cli.threads import choose_threads, usable_cores
+    from gastune.errors import GastuneError
+
+    monkeypatch.delenv("GASTUNE_THREADS", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert choose_threads() == (max(1, usable_cores() - 1), "default: cores - 1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert choose_threads() == (3, "OMP_NUM_THREADS")
+    monkeypatch.setenv("GASTUNE_THREADS", "2")
+    assert choose_threads() == (2, "GASTUNE_THREADS")
+    assert choose_threads(5) == (5, "--threads")
+    monkeypatch.setenv("GASTUNE_THREADS", "many")
+    with pytest.raises(GastuneError, match="GASTUNE_THREADS"):
+        choose_threads()
