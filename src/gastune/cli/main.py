@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "demo": "demo_cmd",
     "bench": "bench_cmd",
     "export": "export_cmd",
+    "lm-eval": "lm_eval_cmd",
 }
 
 
