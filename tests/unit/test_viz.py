@@ -69,3 +69,15 @@ def test_missing_matplotlib_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(GastuneError, match="pip install matplotlib"):
         plot_selection_heatmap(torch.zeros(2, 2, dtype=torch.bool), tmp_path / "x.png")
     assert not (tmp_path / "x.png").exists()
+
+
+def test_heatmap_title_wider_than_the_axes_is_not_clipped(tmp_path):
+    """The saved image grows to hold the whole title (one line of 120 characters here)."""
+    from matplotlib.image import imread
+
+    masks = [(s, torch.rand(8, 30) < 0.5) for s in range(4)]
+    short = plot_selection_heatmap(masks, tmp_path / "short.png", title="t")
+    long = plot_selection_heatmap(masks, tmp_path / "long.png", title="x" * 120)
+    short_w, long_w = imread(short).shape[1], imread(long).shape[1]
+    # 120 characters of 12 pt text are about 900 px at 100 dpi; the axes alone are ~530 px.
+    assert long_w > short_w + 300
