@@ -98,12 +98,17 @@ def test_publish_refuses_a_readme_without_the_section(tmp_path):
 
 
 def test_thread_count_choice(monkeypatch):
-    from gastune.cli.threads import choose_threads, usable_cores
+    from gastune.cli import threads as threads_module
+    from gastune.cli.threads import choose_threads, idle_cores
     from gastune.errors import GastuneError
 
+    assert [idle_cores(cores=2, load=x) for x in (0.0, 0.4, 0.6, 1.4, 30.0)] == [2, 2, 1, 1, 1]
+    assert idle_cores(cores=16, load=3.2) == 13
     monkeypatch.delenv("GASTUNE_THREADS", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert choose_threads() == (max(1, usable_cores() - 1), "default: cores - 1")
+    monkeypatch.setattr(threads_module, "usable_cores", lambda: 4)
+    monkeypatch.setattr(threads_module.os, "getloadavg", lambda: (1.2, 0.0, 0.0))
+    assert choose_threads() == (3, "default: idle cores of 4")
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert choose_threads() == (3, "OMP_NUM_THREADS")
     monkeypatch.setenv("GASTUNE_THREADS", "2")

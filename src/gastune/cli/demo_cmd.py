@@ -7,9 +7,9 @@ held-out validation questions per task before and after each, GAST's training ti
 peak memory relative to LoRA's, and writes GAST's data × layer selection heat map
 (``runs/demo/gast_selection.png``). About 10 minutes on an idle 2-core CPU.
 
-torch runs on ``cores - 1`` threads by default (on a busy 2-core machine two threads were
-4-25× slower than one; see ``gastune.cli.threads``): ``--threads N`` or ``GASTUNE_THREADS=N``
-overrides it.
+torch runs on as many threads as there are idle cores (usable cores minus the load average;
+on a busy 2-core machine two threads were 4-25× slower than one, see ``gastune.cli.threads``):
+``--threads N`` or ``GASTUNE_THREADS=N`` overrides it.
 
 The demo uses the "rc" prompt format (the question alone; the response states the chosen
 option's text, ranked by mean token log-probability) and a loss on the response only. In
@@ -70,7 +70,7 @@ def add_parser(sub) -> None:
         "--threads",
         type=int,
         default=None,
-        help="torch CPU threads (default: $GASTUNE_THREADS, else cores - 1)",
+        help="torch CPU threads (default: $GASTUNE_THREADS, else the idle cores)",
     )
     p.add_argument(
         "--publish",
