@@ -33,7 +33,13 @@ import sys
 import time
 from pathlib import Path
 
-from gastune.cli.demo_report import cost_lines, format_methods_table, readme_block, update_readme
+from gastune.cli.demo_report import (
+    cost_lines,
+    format_methods_table,
+    readme_block,
+    replace_block,
+    update_readme,
+)
 from gastune.data.prompts import PROMPT_FORMATS, default_rule
 from gastune.errors import GastuneError
 
@@ -90,8 +96,10 @@ def run(args) -> int:
 
     start = time.time()
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if args.publish and not Path("README.md").is_file():
-        raise GastuneError("--publish rewrites README.md: run it from the repository's root")
+    if args.publish:
+        if not Path("README.md").is_file():
+            raise GastuneError("--publish rewrites README.md: run it from the repository's root")
+        replace_block(Path("README.md").read_text(), "")  # fail now, not after ten minutes
     threads, why = set_threads(args.threads)
     out = Path(args.output_dir)
     print(

@@ -26,7 +26,13 @@ from gastune.errors import GastuneError
 
 # Files of a training output folder that belong in a clean peft folder (the tokenizer's
 # files are written anew by save_pretrained).
-_PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors", "gastune_config.json", "README.md")
+_PEFT_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "adapter_model.bin",
+    "gastune_config.json",
+    "README.md",
+)
 
 
 def add_parser(sub) -> None:
