@@ -89,12 +89,12 @@ def test_publish_writes_the_json_and_the_readme_block_from_it(model_dir, tmp_pat
     assert (tmp_path / "docs/results/demo_gast_selection.png").is_file()
 
 
-def test_publish_refuses_a_readme_without_the_section(tmp_path):
-    from gastune.cli.demo_report import replace_block
-    from gastune.errors import GastuneError
-
-    with pytest.raises(GastuneError, match="demo-results"):
-        replace_block("# no markers here\n", "block")
+def test_publish_refuses_a_readme_without_the_section_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "README.md").write_text("# no markers here\n")
+    assert main(["demo", "--model", "does-not-matter", "--output-dir", str(tmp_path / "d"), "--publish"]) == 2
+    assert "demo-results" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists() and not (tmp_path / "docs").exists()
 
 
 def test_thread_count_choice(monkeypatch):
