@@ -51,7 +51,7 @@ def cost_lines(training: dict, reference: str = "lora") -> list[str]:
     for method, stats in training.items():
         text = f"{method}: trained in {stats['train_runtime']:.0f} s"
         if stats.get("peak_rss_bytes"):
-            text += f", peak memory {stats['peak_rss_bytes'] / 2**30:.2f} GiB"
+            text += f", peak resident memory {stats['peak_rss_bytes'] / 2**30:.2f} GiB"
         if ref is not None and method != reference:
             text += f"; {stats['train_runtime'] / ref['train_runtime']:.2f}× {reference}'s time"
             if stats.get("peak_rss_bytes") and ref.get("peak_rss_bytes"):
