@@ -2,8 +2,9 @@
 
 torch defaults to one thread per core. Its OpenMP threads meet at a barrier after every
 matrix product, so when another process holds a core the whole step waits for the thread
-that lost its turn: on this project's 2-core machine under load, a LoRA step on
-SmolLM2-135M took 76-167 s with 2 threads against 20-28 s with 1 (``benchmarks/threads.py``),
+that lost its turn: on this project's 2-core machine under load (load average 15-18), a LoRA
+step on SmolLM2-135M took 390 s with 2 threads against 96 s with 1
+(``docs/results/threads_cpu.json``, ``benchmarks/threads.py``),
 while on an idle machine a second thread can only help (at most 2×). The default therefore
 uses the cores that are idle: the usable cores minus the 1-minute load average (rounded),
 at least 1 and at most the usable cores. An idle 2-core machine gets 2 threads; one busy
