@@ -99,16 +99,26 @@ def test_publish_refuses_a_readme_without_the_section_before_training(tmp_path, 
 
 def test_thread_count_choice(monkeypatch):
     from gastune.cli import threads as threads_module
-    from gastune.cli.threads import choose_threads, idle_cores
+    from gastune.cli.threads import choose_threads, fastest_threads, idle_cores
     from gastune.errors import GastuneError
 
     assert [idle_cores(cores=2, load=x) for x in (0.0, 0.4, 0.6, 1.4, 30.0)] == [2, 2, 1, 1, 1]
     assert idle_cores(cores=16, load=3.2) == 13
     monkeypatch.delenv("GASTUNE_THREADS", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    # The probe picks the fastest median; a loaded machine's slow multi-thread rounds lose.
+    timings = {1: iter([0.20, 0.21, 0.19]), 2: iter([0.50, 0.10, 0.69]), 4: iter([0.3, 0.3, 0.3])}
+    assert fastest_threads([1, 2, 4], timer=lambda n: next(timings[n])) == 1
+    assert fastest_threads([2, 1], timer=lambda n: 0.1) == 1  # ties: fewer threads
+    assert fastest_threads([2]) == 2  # nothing to compare: no probe
+    seen = []
     monkeypatch.setattr(threads_module, "usable_cores", lambda: 4)
     monkeypatch.setattr(threads_module.os, "getloadavg", lambda: (1.2, 0.0, 0.0))
-    assert choose_threads() == (3, "default: idle cores of 4")
+    monkeypatch.setattr(
+        threads_module, "fastest_threads", lambda candidates: seen.append(sorted(set(candidates))) or 3
+    )
+    assert choose_threads() == (3, "default: fastest in a probe of 1..4")
+    assert seen == [[1, 3, 4]]  # 1 thread, the idle cores (4 - 1.2), all cores
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert choose_threads() == (3, "OMP_NUM_THREADS")
     monkeypatch.setenv("GASTUNE_THREADS", "2")

@@ -7,8 +7,8 @@ held-out validation questions per task before and after each, GAST's training ti
 peak memory relative to LoRA's, and writes GAST's data × layer selection heat map
 (``runs/demo/gast_selection.png``). About 10 minutes on an idle 2-core CPU.
 
-torch runs on as many threads as there are idle cores (usable cores minus the load average;
-on a busy 2-core machine two threads were 4-25× slower than one, see ``gastune.cli.threads``):
+torch's thread count is the fastest of 1, the idle cores and all cores in a short probe (on
+a busy 2-core machine two threads were 4× slower than one; see ``gastune.cli.threads``):
 ``--threads N`` or ``GASTUNE_THREADS=N`` overrides it.
 
 The demo uses the "rc" prompt format (the question alone; the response states the chosen
@@ -76,7 +76,7 @@ def add_parser(sub) -> None:
         "--threads",
         type=int,
         default=None,
-        help="torch CPU threads (default: $GASTUNE_THREADS, else the idle cores)",
+        help="torch CPU threads (default: $GASTUNE_THREADS, else the fastest in a short probe)",
     )
     p.add_argument(
         "--publish",
