@@ -46,7 +46,9 @@ def add_parser(sub) -> None:
         help="default: the adapter's recorded format, else mc",
     )
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the fastest in a short probe)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: the fastest in a short probe)"
+    )
     p.add_argument("--write-tasks", default=None, metavar="DIR", help="only write the task folder to DIR")
     p.add_argument("--out", default=None, help="write a results JSON here")
     p.set_defaults(run=run)

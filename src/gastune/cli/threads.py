@@ -6,8 +6,8 @@ that lost its turn: on this project's 2-core machine under load (load average 15
 step on SmolLM2-135M took 390 s with 2 threads against 96 s with 1
 (``docs/results/threads_cpu.json``, ``benchmarks/threads.py``),
 while on an idle machine a second thread can only help (at most 2×). The default therefore
-measures: a short probe (matrix products of the default model's shapes, well under a second
-on an idle machine) times 1 thread, the idle cores (usable cores minus the 1-minute load
+measures: a short probe (matrix products of the default model's shapes; 3 s at load average
+12-15) times 1 thread, the idle cores (usable cores minus the 1-minute load
 average) and all usable cores, alternating, and takes the fastest. An idle 2-core machine
 gets 2 threads; one busy with other work gets 1 (under load 15, 1 thread took 0.18-0.21 s
 per probe round and 2 threads 0.36-0.69 s).
