@@ -92,7 +92,9 @@ def export_adapter(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        tokenizer = load_tokenizer(base)
+        # The tokenizer saved with the adapter is the one it was trained with (pad token set).
+        has_own = (adapter / "tokenizer_config.json").is_file()
+        tokenizer = load_tokenizer(str(adapter) if has_own else base)
         if merge:
             from peft import PeftModel
 
