@@ -5,6 +5,8 @@ Usage:
     gastune data commonsense --out val.jsonl --split validation --per-task 100 --seed 1
     gastune data commonsense --out arc.json --tasks arc_easy,arc_challenge
     gastune data commonsense --out rc.json --per-task 48 --format rc
+    gastune data commonsense --out noisy.json --per-task 96 --seed 0 --label-noise 0.3
+    gastune data commonsense --out support.json --per-task 8 --skip-per-task 96 --seed 0
     gastune data check my_data.jsonl
 """
 
@@ -45,6 +47,22 @@ def add_parser(subparsers) -> None:
         help="mc: LLM-Adapters (numbered choices, answer = label); rc: question only, answer = "
         "the option's text (default: %(default)s)",
     )
+    build.add_argument(
+        "--label-noise",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="move this share of each task's answers to a wrong option of the same question "
+        "(seeded by --seed; corrupted records keep their true label in clean_answer)",
+    )
+    build.add_argument(
+        "--skip-per-task",
+        type=int,
+        default=0,
+        metavar="N",
+        help="skip the first N of each task's seeded sample: with N = a training run's --per-task "
+        "(same --seed), a held-out part of the split disjoint from its training sample",
+    )
     check = sub.add_parser("check", help="validate a training data file (.json, .jsonl or a saved dataset)")
     check.add_argument("source", help="the file or folder to read")
     parser.set_defaults(run=run)
@@ -59,16 +77,25 @@ def run(args: argparse.Namespace) -> int:
 def _run_commonsense(args: argparse.Namespace) -> int:
     from gastune.data.commonsense import load_commonsense
     from gastune.data.io import record_file_format, write_records
+    from gastune.data.noise import check_fraction, corrupt_labels
 
     record_file_format(args.out)  # a bad name fails now, not after seconds of loading
+    check_fraction(args.label_noise)
     records = load_commonsense(
-        split=args.split, tasks=args.tasks, per_task=args.per_task, seed=args.seed, prompt_format=args.format
+        split=args.split,
+        tasks=args.tasks,
+        per_task=args.per_task,
+        seed=args.seed,
+        prompt_format=args.format,
+        skip_per_task=args.skip_per_task,
     )
+    records = corrupt_labels(records, args.label_noise, seed=args.seed)
     path = write_records(records, args.out)
     counts = Counter(r["task"] for r in records)
+    noisy = Counter(r["task"] for r in records if "clean_answer" in r)
     width = max(map(len, counts))
     for task, n in counts.items():
-        print(f"{task:<{width}}  {n:>6}")
+        print(f"{task:<{width}}  {n:>6}" + (f"  ({noisy[task]} wrong answers)" if args.label_noise else ""))
     print(f"{'total':<{width}}  {len(records):>6}  ({args.split}) -> {path}")
     return 0
 

@@ -106,6 +106,7 @@ def load_commonsense(
     per_task: int | None = None,
     seed: int = 0,
     prompt_format: str = "mc",
+    skip_per_task: int = 0,
 ) -> list[dict]:
     """LLM-Adapters records of the commonsense tasks, task after task in the order asked.
 
@@ -115,6 +116,9 @@ def load_commonsense(
     for the same ``seed`` (and a smaller sample is a subset of a larger one); tasks with fewer
     records are kept whole. ``prompt_format`` is ``"mc"`` (LLM-Adapters: numbered choices,
     the answer names a label) or ``"rc"`` (question only, the answer is the option's text).
+    ``skip_per_task`` skips the first that many records of each task's seeded sample order and
+    keeps the next ``per_task``: with ``skip_per_task`` equal to a training run's ``per_task``
+    (same ``seed``), that is a held-out part of the split, disjoint from the training sample.
 
     Example:
         >>> records = load_commonsense("validation", tasks=["arc_easy"], per_task=2)
@@ -126,15 +130,22 @@ def load_commonsense(
     check_prompt_format(prompt_format)
     if per_task is not None and (isinstance(per_task, bool) or not isinstance(per_task, int) or per_task < 1):
         raise GastuneError(f"per_task must be a positive integer, got {per_task!r}")
+    if isinstance(skip_per_task, bool) or not isinstance(skip_per_task, int) or skip_per_task < 0:
+        raise GastuneError(f"skip_per_task must be a non-negative integer, got {skip_per_task!r}")
     records: list[dict] = []
     for task in names:
         task_records = _load_task(task, split)
         chosen = range(len(task_records))
-        if per_task is not None and per_task < len(task_records):
+        if skip_per_task or (per_task is not None and per_task < len(task_records)):
             order = list(chosen)
             # A string seed per task: each task's sample does not depend on the others asked.
             random.Random(f"{seed}:{task}").shuffle(order)
-            chosen = sorted(order[:per_task])
+            end = None if per_task is None else skip_per_task + per_task
+            chosen = sorted(order[skip_per_task:end])
+            if not chosen:
+                raise GastuneError(
+                    f"{task} {split} has {len(task_records)} records: none left after skipping {skip_per_task}"
+                )
         elif per_task is not None:
             logger.info(
                 "%s %s has %d records (< per_task=%d): keeping all", task, split, len(task_records), per_task

@@ -90,8 +90,29 @@ class DataConfig:
     )
     support_data: str | None = field(
         default=None,
-        metadata={"help": "GAST held-out support set (file/folder or 'commonsense-validation')."},
+        metadata={
+            "help": "GAST/GREATS held-out set: a file/folder, 'commonsense-validation', or "
+            "'commonsense-heldout' (train-split records outside the training sample)."
+        },
     )
+    support_per_task: int = field(
+        default=8,
+        metadata={"help": "support_data=commonsense-heldout: records per task (8 x 8 tasks = 64)."},
+    )
+    label_noise: float = field(
+        default=0.0,
+        metadata={
+            "help": "Commonsense training data: share of answers (per task) moved to a wrong option "
+            "of the same question, seeded by data_seed_value. The support set stays clean."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        from gastune.data.noise import check_fraction
+
+        check_fraction(self.label_noise)
+        if self.support_per_task < 1:
+            raise GastuneError(f"support_per_task must be >= 1, got {self.support_per_task}")
 
 
 @dataclass

@@ -51,21 +51,54 @@ def load_training_records(
     data_cfg: DataConfig, split: str = "train", source: str | None = None
 ) -> list[dict]:
     """Records from the commonsense mixture or a user file/folder."""
+    training = source is None  # label noise applies to the training data, never to a support set
     source = source or data_cfg.data
+    if training and data_cfg.label_noise and source != "commonsense":
+        raise GastuneError("label_noise corrupts the commonsense records: it needs --data commonsense")
+    if source == "commonsense-heldout":
+        return _heldout_records(data_cfg)
     if source in ("commonsense", "commonsense-validation"):
         from gastune.data import load_commonsense
 
         split = "validation" if source == "commonsense-validation" else split
-        return load_commonsense(
+        records = load_commonsense(
             split,
             tasks=data_cfg.tasks,
             per_task=data_cfg.per_task,
             seed=data_cfg.data_seed_value,
             prompt_format=data_cfg.prompt_format,
         )
+        if training and data_cfg.label_noise:
+            from gastune.data.noise import corrupt_labels
+
+            records = corrupt_labels(records, data_cfg.label_noise, seed=data_cfg.data_seed_value)
+        return records
     from gastune.data import load_records
 
     return load_records(source)
+
+
+def _heldout_records(data_cfg: DataConfig) -> list[dict]:
+    """Train-split records that follow the training sample in each task's seeded order.
+
+    Disjoint from the training sample (same ``data_seed_value``), clean, and never evaluation
+    questions (those come from the validation split).
+    """
+    from gastune.data import load_commonsense
+
+    if data_cfg.data != "commonsense" or data_cfg.per_task is None:
+        raise GastuneError(
+            "support_data=commonsense-heldout needs --data commonsense with --per_task "
+            "(the held-out part follows the training sample)"
+        )
+    return load_commonsense(
+        "train",
+        tasks=data_cfg.tasks,
+        per_task=data_cfg.support_per_task,
+        seed=data_cfg.data_seed_value,
+        prompt_format=data_cfg.prompt_format,
+        skip_per_task=data_cfg.per_task,
+    )
 
 
 def build_dataset(records: list[dict], tokenizer, data_cfg: DataConfig):
@@ -90,7 +123,8 @@ def train(
     tuner = resolve_tuner(model_cfg, config.method)
     if config.gast_support == "heldout" and not data_cfg.support_data and config.method.startswith("gast"):
         raise GastuneError(
-            "gast_support=heldout needs --support_data (a file, folder or 'commonsense-validation')"
+            "gast_support=heldout needs --support_data (a file, folder, 'commonsense-validation' "
+            "or 'commonsense-heldout')"
         )
     # Before anything heavy: the output folder, and the checkpoint a resume would use
     # (docs/reliability.md).
