@@ -66,6 +66,11 @@ def test_eval_prints_table_and_writes_json(model_dir, calls, tmp_path, capsys):
     assert data["model"] == str(model_dir) and data["adapter"] is None
     assert data["settings"]["batch_size"] == 3
     assert data["results"]["tasks"]["arc_easy"]["n"] == 2
+    # The held-out NLL of each gold response, in the records' order (4 questions).
+    assert len(data["nll"]["nll"]) == 4 and all(v > 0 for v in data["nll"]["nll"])
+    per_token = [s / n for s, n in zip(data["nll"]["nll"], data["nll"]["tokens"])]
+    assert data["nll"]["mean"] == pytest.approx(sum(per_token) / 4)
+    assert f"{data['nll']['mean']:.4f} nats per token" in printed
 
 
 def test_eval_with_adapter_and_comparison(model_dir, calls, tmp_path, capsys):

@@ -159,6 +159,9 @@ def test_one_result_file_per_run_and_resume(assets, tmp_path, monkeypatch):
         s["correct"] for s in lora["eval"]["results"]["tasks"].values()
     )
     assert lora["selection"] is None
+    nll = lora["eval"]["nll"]  # the gold response's NLL, one per question, in the sample's order
+    assert len(nll["nll"]) == len(nll["tokens"]) == 6 and all(v > 0 for v in nll["nll"])
+    assert nll["mean"] == pytest.approx(sum(v / n for v, n in zip(nll["nll"], nll["tokens"])) / 6)
     frequency = torch.tensor(gast["selection"]["frequency"])
     assert frequency.shape == (4, len(gast["selection"]["groups"])) and gast["selection"]["masks"] == 2
     assert ((frequency >= 0) & (frequency <= 1)).all()

@@ -14,6 +14,11 @@ Usage:
 
 With ``--adapter``, ``--format`` and ``--rule`` default to what the adapter's
 ``gastune_config.json`` records (the prompt format it was trained on); explicit flags win.
+
+The commonsense evaluation also reports the held-out NLL of the gold response (the training
+loss on each question: prompt + gold response + EOS, loss on the response; mean over the
+questions of the per-token value, ``gastune.eval.nll``), one extra forward pass per question;
+``--no-nll`` skips it.
 """
 
 from __future__ import annotations
@@ -86,6 +91,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda when available)")
     parser.add_argument(
         "--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)"
+    )
+    parser.add_argument(
+        "--nll",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="commonsense: also the held-out NLL of the gold response (default: on)",
     )
     parser.add_argument("--out", default=None, help="write the results JSON here")
     parser.add_argument(
@@ -170,7 +181,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace, model, tokenizer):
-    """``(result, number of questions, settings)`` for the protocol the flags ask for."""
+    """``(result, number of questions, settings, gold NLL or None)`` for what the flags ask for."""
     from gastune.eval import evaluate_commonsense, evaluate_commonsense_generation, evaluate_gsm8k, load_gsm8k
     from gastune.eval.generate import DEFAULT_MAX_NEW_TOKENS
     from gastune.eval.gsm8k import DEFAULT_MAX_NEW_TOKENS as GSM8K_MAX_NEW_TOKENS
@@ -185,6 +196,7 @@ def _evaluate(args: argparse.Namespace, model, tokenizer):
             result,
             len(problems),
             {"task": "gsm8k", "split": "test", "protocol": "generate", **settings, **generation},
+            None,
         )
     from gastune.data.commonsense import load_commonsense
 
@@ -198,16 +210,21 @@ def _evaluate(args: argparse.Namespace, model, tokenizer):
         "format": args.format,
         **settings,
     }
+    nll = None
+    if args.nll:
+        from gastune.eval.nll import gold_response_nll
+
+        nll = gold_response_nll(model, tokenizer, records, batch_size=args.batch_size)
     if args.protocol == "generate":
         generation["max_new_tokens"] = args.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
         result = evaluate_commonsense_generation(
             model, tokenizer, records, batch_size=args.batch_size, **generation
         )
-        return result, len(records), {**settings, **generation}
+        return result, len(records), {**settings, **generation}, nll
     result = evaluate_commonsense(
         model, tokenizer, records, batch_size=args.batch_size, rule=args.rule, prompt_format=args.format
     )
-    return result, len(records), {**settings, "rule": args.rule}
+    return result, len(records), {**settings, "rule": args.rule}, nll
 
 
 def run(args: argparse.Namespace) -> int:
@@ -234,9 +251,11 @@ def run(args: argparse.Namespace) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model_with_adapter(args.model, args.adapter, device)
     start = time.perf_counter()
-    result, n_questions, settings = _evaluate(args, model, tokenizer)
+    result, n_questions, settings, nll = _evaluate(args, model, tokenizer)
     seconds = time.perf_counter() - start
     print(format_results_table(result))
+    if nll is not None:
+        print(f"held-out NLL of the gold response: {nll.mean:.4f} nats per token (mean over questions)")
     print(f"{n_questions} questions in {seconds:.1f} s")
     if before is not None:
         print()
@@ -250,5 +269,7 @@ def run(args: argparse.Namespace) -> int:
             "method": adapter_method(args.adapter),
             **document,
         }
+        if nll is not None:
+            document["nll"] = nll.to_dict()
         print(f"wrote {write_json(args.out, document)}")
     return 0

@@ -2,8 +2,9 @@
 
 Each run trains through ``gastune.training.run.train`` and is scored on the grid's fixed
 validation sample; its result file (``<results>/<name>-seed<k>.json``, written atomically)
-holds the train loss curve, time per step, peak memory, per-task accuracy, GAST's selection
-frequency when the method has one, the run's settings and provenance. A run whose file
+holds the train loss curve, time per step, peak memory, per-task accuracy, the held-out NLL
+of each question's gold response (``gastune.eval.nll``), GAST's selection frequency when the
+method has one, the run's settings and provenance. A run whose file
 exists is skipped, so a long grid can be run in pieces (``max_runs``) and resumed after an
 interruption. By default each run is a fresh subprocess, so that its peak memory is its own
 and a crash loses one run, not the grid.
@@ -169,6 +170,7 @@ def run_one(grid: Grid, run: RunSpec) -> dict[str, Any]:
     import torch
     from transformers import set_seed
 
+    from gastune.eval.nll import gold_response_nll
     from gastune.training.run import train
 
     if grid.threads:
@@ -190,6 +192,9 @@ def run_one(grid: Grid, run: RunSpec) -> dict[str, Any]:
     start = time.perf_counter()
     result = _evaluate(grid, trained.model, trained.tokenizer, records)
     eval_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    nll = gold_response_nll(trained.model, trained.tokenizer, records, batch_size=grid.eval.batch_size)
+    nll_seconds = time.perf_counter() - start
     evaluation = {**grid.to_dict()["eval"], "n": len(records)}
     document = {
         "kind": RESULT_KIND,
@@ -224,15 +229,20 @@ def run_one(grid: Grid, run: RunSpec) -> dict[str, Any]:
             # methods, at a fraction of the size of every candidate's log-probabilities.
             "predicted": [p.predicted for p in result.predictions],
             "correct": [p.correct for p in result.predictions],
+            # The gold response's NLL per question (same order): the primary metric of the
+            # issue-16 experiments, paired across methods question by question.
+            "nll": nll.to_dict(),
+            "nll_seconds": nll_seconds,
         },
         "selection": _selection(trained.trainer.method),
         **provenance(str(trained.trainer.args.device)),
     }
     write_json(grid.result_path(run), document)
     logger.info(
-        "%s: average accuracy %.3f, %.2f s/step",
+        "%s: average accuracy %.3f, gold NLL %.4f, %.2f s/step",
         run.run_id,
         result.average,
+        nll.mean,
         document["train"]["seconds_per_step"],
     )
     return document
