@@ -323,6 +323,30 @@ def test_report_writes_table_summary_and_pngs(results_dir, tmp_path):
     assert "| gast > lora | 2 | +25.0, +20.0 | +22.5 ± 3.5 | 2 of 2 |" in table
 
 
+def test_report_with_nll_has_a_column_and_paired_intervals(results_dir, tmp_path):
+    # Give every run a per-question NLL (gast 0.1 nats/token below lora on each of 20 questions).
+    for path in results_dir.glob("*-seed*.json"):
+        run = json.loads(path.read_text())
+        shift = -0.1 if run["name"] == "gast" else 0.0
+        per_token = [1.0 + 0.05 * q + shift + 0.001 * run["seed"] for q in range(20)]
+        run["eval"]["nll"] = {
+            "mean": sum(per_token) / 20,
+            "nll": [2 * v for v in per_token],
+            "tokens": [2] * 20,
+        }
+        run["eval"]["correct"] = [q < 10 + 5 * (run["name"] == "gast") for q in range(20)]
+        path.write_text(json.dumps(run))
+    paths = build_report(results_dir, tmp_path / "docs")
+    table = cells(paths["table"].read_text())
+    assert table["method"][2] == "NLL" and table["lora"][2] == "1.4755 ± 0.0007"
+    summary = json.loads(paths["summary"].read_text())
+    nll, accuracy = summary["comparisons"]
+    assert (nll["a"], nll["b"], nll["metric"], nll["seeds"]) == ("gast", "lora", "nll", [0, 1])
+    assert nll["mean"] == pytest.approx(-0.1) and nll["resolved"] and nll["better"] == "gast"
+    assert accuracy["mean"] == pytest.approx(0.25) and accuracy["better"] == "gast"
+    assert "| gast − lora | nll (nats/token) | 2 | 20 |" in paths["table"].read_text()
+
+
 def test_paired_differences_match_a_direct_count():
     from gastune.experiments.summary import PAPER_ORDERINGS, paired_differences
 

@@ -90,6 +90,8 @@ def summarize(
         train = [m["train"] for m in members]
         memory = [t.get("peak_cuda_bytes") or t.get("peak_rss_bytes") for t in train]
         losses = [t["train_loss"] for t in train if t.get("train_loss") is not None]
+        # The held-out NLL of the gold response (run files from before it was measured lack it).
+        nlls = [m["eval"]["nll"]["mean"] for m in members if m["eval"].get("nll")]
         summary[name] = {
             "method": members[0]["method"],
             "seeds": [m["seed"] for m in members],
@@ -100,6 +102,7 @@ def summarize(
             "seconds_per_step": statistics.fmean(t["seconds_per_step"] for t in train),
             "peak_memory_bytes": statistics.fmean(memory) if all(memory) else None,
             "train_loss": mean_std(losses) if losses else None,
+            "nll": mean_std(nlls) if len(nlls) == len(members) else None,
         }
     ref = summary.get(REFERENCE)
     for entry in summary.values():
@@ -116,8 +119,16 @@ def _pct(stat: dict[str, Any] | None) -> str:
     return text if stat["std"] is None else f"{text} ± {100 * stat['std']:.1f}"
 
 
+def _nll(stat: dict[str, Any] | None) -> str:
+    if stat is None:
+        return "-"
+    text = f"{stat['mean']:.4f}"
+    return text if stat["std"] is None else f"{text} ± {stat['std']:.4f}"
+
+
 def format_summary_table(summary: dict[str, dict[str, Any]]) -> str:
-    """Markdown: accuracy % (mean ± std over seeds) per task and on average, then the cost.
+    """Markdown: held-out NLL of the gold response (when measured), accuracy % per task and on
+    average (mean ± std over seeds), then the cost.
 
     Example:
         >>> print(format_summary_table(summarize(runs)))  # doctest: +SKIP
@@ -125,7 +136,10 @@ def format_summary_table(summary: dict[str, dict[str, Any]]) -> str:
     if not summary:
         raise GastuneError("no results to tabulate")
     tasks = task_order({t for s in summary.values() for t in s["tasks"]})
-    header = ["method", "seeds", *tasks, "average", "s/step", "× LoRA", "peak GiB", "× LoRA"]
+    # The NLL column appears once any method has it (older grids' tables stay as they were).
+    with_nll = any(s.get("nll") for s in summary.values())
+    header = ["method", "seeds", *(["NLL"] if with_nll else []), *tasks, "average"]
+    header += ["s/step", "× LoRA", "peak GiB", "× LoRA"]
     rows = []
     for name, s in summary.items():
         memory = s["peak_memory_bytes"]
@@ -133,6 +147,7 @@ def format_summary_table(summary: dict[str, dict[str, Any]]) -> str:
             [
                 name,
                 str(len(s["seeds"])),
+                *([_nll(s.get("nll"))] if with_nll else []),
                 *(_pct(s["tasks"].get(t)) for t in tasks),
                 _pct(s["average"]),
                 f"{s['seconds_per_step']:.2f}",

@@ -1,0 +1,190 @@
+"""The five questions of the issue-16 experiments and their verdicts, computed from run files.
+
+Each question names the method entries it compares; every comparison is a paired bootstrap
+(``gastune.experiments.paired``) on the held-out NLL of the gold response (primary) and on
+accuracy (secondary). The verdict is mechanical: a difference is stated as a finding only
+when its 95% interval excludes 0, and a question whose run files are missing says so.
+
+- (i)   gast vs lora: each at its better learning rate (by mean NLL; the grid runs both at
+        two), then at each shared learning rate;
+- (ii)  gast vs ist;
+- (iii) softmax vs random vs top-K selection (gast, gast-random, gast-topk);
+- (iv)  support = the batch itself (gast-batch) vs a drawn support set (gast);
+- (v)   at 30% label noise (Experiment B): gast with a noisy support and with a clean
+        held-out one (gast-heldout) vs lora, and the data-selection baselines vs lora.
+
+Example:
+    >>> v = question_verdict(QUESTIONS[0], runs)  # doctest: +SKIP
+    >>> v["summary"]  # doctest: +SKIP
+    'gast better on NLL (resolved)'
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from gastune.experiments.paired import paired_comparison
+
+NOT_RUN = "not yet run"
+LR_VARIANTS = {"lora": ("lora", "lora-lr3e-4"), "gast": ("gast", "gast-lr3e-4")}
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question: its key, wording, experiment (A or B) and the (a, b) pairs it compares.
+
+    A name ``best:lora`` stands for the entry of ``LR_VARIANTS["lora"]`` with the lower mean
+    NLL over its seeds (the learning-rate check).
+    """
+
+    key: str
+    title: str
+    experiment: str
+    pairs: tuple[tuple[str, str], ...]
+
+
+QUESTIONS: tuple[Question, ...] = (
+    Question(
+        "i",
+        "gast vs lora",
+        "A",
+        (("best:gast", "best:lora"), ("gast", "lora"), ("gast-lr3e-4", "lora-lr3e-4")),
+    ),
+    Question("ii", "gast vs ist", "A", (("gast", "ist"),)),
+    Question(
+        "iii",
+        "softmax vs random vs top-K selection",
+        "A",
+        (("gast", "gast-random"), ("gast", "gast-topk"), ("gast-random", "gast-topk")),
+    ),
+    Question("iv", "support = batch vs a drawn support set", "A", (("gast-batch", "gast"),)),
+    Question(
+        "v",
+        "robustness to noisy labels (30% of the answers wrong)",
+        "B",
+        (
+            ("gast", "lora"),
+            ("gast-heldout", "lora"),
+            ("gast-heldout", "gast"),
+            ("greats", "lora"),
+            ("maxloss", "lora"),
+            ("random-half", "lora"),
+        ),
+    ),
+)
+
+
+def mean_nll(runs: Sequence[dict[str, Any]], name: str) -> float | None:
+    """Mean over the seeds of one entry of its held-out NLL; None without such runs."""
+    values = [r["eval"]["nll"]["mean"] for r in runs if r["name"] == name and r["eval"].get("nll")]
+    return statistics.fmean(values) if values else None
+
+
+def resolve(name: str, runs: Sequence[dict[str, Any]]) -> str:
+    """``best:X`` → the learning-rate variant of X with the lower mean NLL; other names as they are."""
+    if not name.startswith("best:"):
+        return name
+    scored = [(mean_nll(runs, n), n) for n in LR_VARIANTS[name[5:]]]
+    scored = [(v, n) for v, n in scored if v is not None]
+    return min(scored)[1] if scored else LR_VARIANTS[name[5:]][0]
+
+
+def _numbers(c: dict[str, Any]) -> str:
+    scale, unit, fmt = (100, " points", "+.1f") if c["metric"] == "accuracy" else (1, "", "+.4f")
+    return (
+        f"{c['a']} − {c['b']} = {scale * c['mean']:{fmt}}{unit} "
+        f"[{scale * c['low']:{fmt}}, {scale * c['high']:{fmt}}]"
+    )
+
+
+def pair_sentence(nll: dict[str, Any], accuracy: dict[str, Any] | None) -> str:
+    """One line: the NLL finding (resolved or not), then accuracy's."""
+    head = f"**{nll['better']} better**" if nll["resolved"] else "**no resolved difference**"
+    text = (
+        f"{head} on NLL: {_numbers(nll)} nats/token over {len(nll['seeds'])} seeds × "
+        f"{nll['questions']} questions"
+    )
+    if accuracy is not None:
+        found = f"{accuracy['better']} better" if accuracy["resolved"] else "not resolved"
+        text += f"; accuracy {_numbers(accuracy)} ({found})"
+    return text
+
+
+def question_verdict(
+    question: Question, runs: Sequence[dict[str, Any]], expected_seeds: Sequence[int], n_boot: int = 4000
+) -> dict[str, Any]:
+    """``{"key", "title", "summary", "lines", "comparisons"}`` for one question.
+
+    ``summary`` is "not yet run" when no pair has a run on both sides, else about the headline
+    (first) pair: "gast better on NLL (resolved)" (whoever its resolved difference favours),
+    "no resolved difference on NLL", or that it has not run yet while others have; ``lines`` hold every pair's sentence, each
+    marked "partial" when fewer seeds than ``expected_seeds`` went in.
+    """
+    lines, comparisons = [], []
+    for a, b in question.pairs:
+        ra, rb = resolve(a, runs), resolve(b, runs)
+        nll = paired_comparison(runs, ra, rb, "nll", n_boot=n_boot)
+        if nll is None:
+            lines.append(f"{a} − {b}: {NOT_RUN}")
+            continue
+        accuracy = paired_comparison(runs, ra, rb, "accuracy", n_boot=n_boot)
+        comparisons += [c for c in (nll, accuracy) if c is not None]
+        label = f"{ra} vs {rb}" + (
+            f" (better learning rates: {a} → {ra}, {b} → {rb})" if a != ra or b != rb else ""
+        )
+        partial = (
+            ""
+            if len(nll["seeds"]) >= len(expected_seeds)
+            else f" (partial: {len(nll['seeds'])} of {len(expected_seeds)} seeds)"
+        )
+        lines.append(f"{label}{partial}: {pair_sentence(nll, accuracy)}")
+    headline = next((c for c in comparisons if c["metric"] == "nll"), None)
+    first_a, first_b = (resolve(x, runs) for x in question.pairs[0])
+    if headline is None:
+        summary = NOT_RUN
+    elif (headline["a"], headline["b"]) != (first_a, first_b):
+        summary = f"{first_a} − {first_b} {NOT_RUN} (partial: see the comparisons that ran)"
+    elif headline["resolved"]:
+        summary = f"{headline['better']} better on NLL (resolved)"
+    else:
+        summary = "no resolved difference on NLL"
+    return {
+        "key": question.key,
+        "title": question.title,
+        "summary": summary,
+        "lines": lines,
+        "comparisons": comparisons,
+    }
+
+
+def clean_counterpart(name: str, clean_names: set[str]) -> str | None:
+    """The Experiment A entry a noisy-data entry is measured against: itself, else gast, else lora."""
+    if name in clean_names:
+        return name
+    if name.startswith("gast") and "gast" in clean_names:
+        return "gast"
+    return "lora" if "lora" in clean_names else None
+
+
+def kept_rows(
+    clean: Sequence[dict[str, Any]], noisy: Sequence[dict[str, Any]], base_nll: float | None
+) -> list[dict[str, Any]]:
+    """Per noisy entry: its mean NLL, its clean counterpart's, and the share of the gain kept.
+
+    The gain of training is ``base NLL − trained NLL`` (the base model on the same questions);
+    ``kept = gain at 30% noise / gain on clean data`` (1.0: noise cost nothing; 0: all of the
+    gain lost). Without the base model's NLL only the NLL difference is given.
+    """
+    clean_names = {r["name"] for r in clean}
+    rows = []
+    for name in dict.fromkeys(r["name"] for r in noisy):
+        ref = clean_counterpart(name, clean_names)
+        noisy_nll, clean_nll = mean_nll(noisy, name), mean_nll(clean, ref) if ref else None
+        kept = None
+        if None not in (noisy_nll, clean_nll, base_nll) and base_nll != clean_nll:
+            kept = (base_nll - noisy_nll) / (base_nll - clean_nll)
+        rows.append({"name": name, "nll": noisy_nll, "clean": ref, "clean_nll": clean_nll, "kept": kept})
+    return rows
