@@ -10,7 +10,8 @@ comparisons between runs can be made question by question.
 
 Why this is the primary metric of the issue-16 experiments: accuracy on 800 questions moves in
 steps of 1/800 and flips on near-ties, while the gold response's likelihood moves continuously
-with what training changed, for about a sixth of the cost of ranking every option.
+with what training changed. It costs one forward pass of each whole sequence (the option
+ranking shares each prompt among its candidates, so it is not a bound on this cost).
 
 Batches are left-padded so that every response ends in the last column, and
 ``logits_to_keep`` skips the vocabulary-wide output layer on the prompt positions.
