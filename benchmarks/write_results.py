@@ -46,9 +46,7 @@ def _link(target: Path, page: Path) -> str:
     return os.path.relpath(target, page.parent).replace(os.sep, "/")
 
 
-def experiment_section(
-    title: str, grid_path: str, grid: Grid, runs: list[dict], page: Path, n_boot: int
-) -> list[str]:
+def experiment_section(title: str, grid_path: str, grid: Grid, runs: list[dict], page: Path) -> list[str]:
     """Table, paired differences and figures of one experiment (or why they are missing)."""
     expected = grid.runs()
     lines = [f"### {title}", "", f"Grid: `{grid_path}`; run files: `{grid.results}`."]
@@ -171,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         "docs/experiments.md.",
         "",
         *verdict_lines,
-        *experiment_section("Experiment A: clean data", args.grid_a, grid_a, runs_a, page, args.n_boot),
-        *experiment_section("Experiment B: 30% label noise", args.grid_b, grid_b, runs_b, page, args.n_boot),
+        *experiment_section("Experiment A: clean data", args.grid_a, grid_a, runs_a, page),
+        *experiment_section("Experiment B: 30% label noise", args.grid_b, grid_b, runs_b, page),
         *(kept_section(runs_a, runs_b, Path(args.base_a)) if runs_b else []),
         *cpu_section(args.cpu_grid, args.cpu_base, page),
     ]

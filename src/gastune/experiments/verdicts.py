@@ -123,9 +123,12 @@ def question_verdict(
     "no resolved difference on NLL", or that it has not run yet while others have; ``lines`` hold every pair's sentence, each
     marked "partial" when fewer seeds than ``expected_seeds`` went in.
     """
-    lines, comparisons = [], []
+    lines, comparisons, seen = [], [], set()
     for a, b in question.pairs:
         ra, rb = resolve(a, runs), resolve(b, runs)
+        if (ra, rb) in seen:  # the better learning rates are the grid's own: already compared
+            continue
+        seen.add((ra, rb))
         nll = paired_comparison(runs, ra, rb, "nll", n_boot=n_boot)
         if nll is None:
             lines.append(f"{a} − {b}: {NOT_RUN}")
@@ -133,7 +136,7 @@ def question_verdict(
         accuracy = paired_comparison(runs, ra, rb, "accuracy", n_boot=n_boot)
         comparisons += [c for c in (nll, accuracy) if c is not None]
         label = f"{ra} vs {rb}" + (
-            f" (better learning rates: {a} → {ra}, {b} → {rb})" if a != ra or b != rb else ""
+            " (each at its better learning rate among those run, by mean NLL)" if a != ra or b != rb else ""
         )
         partial = (
             ""
