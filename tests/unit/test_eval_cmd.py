@@ -73,6 +73,13 @@ def test_eval_prints_table_and_writes_json(model_dir, calls, tmp_path, capsys):
     assert f"{data['nll']['mean']:.4f} nats per token" in printed
 
 
+def test_eval_without_nll(model_dir, calls, tmp_path, capsys):
+    out = tmp_path / "no_nll.json"
+    argv = ["eval", "--model", str(model_dir), "--tasks", "boolq", "--per-task", "2", "--no-nll"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "nll" not in json.loads(out.read_text()) and "nats per token" not in capsys.readouterr().out
+
+
 def test_eval_with_adapter_and_comparison(model_dir, calls, tmp_path, capsys):
     from peft import LoraConfig, get_peft_model
 
