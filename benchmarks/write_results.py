@@ -77,7 +77,12 @@ def experiment_section(title: str, grid_path: str, grid: Grid, runs: list[dict],
         figures.append(
             f"[GAST's selection heat map ({chosen['name']}, seed {chosen['seed']})]({_link(heatmap, page)})"
         )
-    lines += ["Figures: " + ", ".join(figures) + ".", ""]
+    lines += [
+        "Figures: " + ", ".join(figures) + ". The train loss is over what each method trained on (maxloss, "
+        "random-half, greats: their kept rows; in B, the noisy labels), so the curves compare speed of "
+        "fitting, not quality; the held-out NLL above is the comparable number.",
+        "",
+    ]
     return lines
 
 
