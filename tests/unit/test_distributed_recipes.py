@@ -223,3 +223,6 @@ def test_shipped_launch_configs_are_well_formed():
     assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp_config"]["fsdp_version"] == 2
     # SHARDED_STATE_DICT makes save_model write no adapter (tests/integration/test_distributed_engines.py)
     assert fsdp["fsdp_config"]["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    # 2 machines × 1 process (tests/integration/test_multinode.py launches each machine rank)
+    multi = yaml.safe_load((REPO / "configs/accelerate/multinode_cpu.yaml").read_text())
+    assert multi["num_machines"] == 2 and multi["num_processes"] == 2 and multi["rdzv_backend"] == "static"
