@@ -93,3 +93,49 @@ def test_scoring_pass_and_fisher_under_fsdp2_equal_the_unwrapped_model(gloo):
         for a, b in zip(fp, fs):
             assert a.abs().sum() > 0
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-12)
+
+
+def test_fsdp2_optimizer_loading_keeps_an_untrained_layer_without_state(gloo):
+    """LISA's checkpoint holds no AdamW state for a layer not trained yet. torch's FSDP2 loading
+    refuses it (strict) and otherwise makes up state for it (a zero-gradient step: step count 1);
+    under gastune's loading the layer has no state and the others are restored exactly."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_optimizer_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from gastune.training.fsdp_resume import lenient_optimizer_state_loading
+
+    def sharded_adamw():
+        model = models()[1]
+        params = [p for p in model.parameters() if p.requires_grad]
+        return model, torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+
+    full = StateDictOptions(full_state_dict=True)
+    model, optimizer = sharded_adamw()
+    batch = make_batch(n=2)
+    for n, p in model.named_parameters():
+        p.requires_grad_(".layers.0." in n)  # only layer 0 trains, as in a LISA step
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    per_sample_loss(out.logits, batch["labels"]).mean().backward()
+    optimizer.step()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    saved = get_optimizer_state_dict(model, optimizer, options=full)
+    assert saved["state"] and all(".layers.0." in k for k in saved["state"])
+
+    with pytest.raises(RuntimeError, match="Missing optimizer state"):
+        set_optimizer_state_dict(*sharded_adamw(), saved, options=full)
+    model, optimizer = sharded_adamw()
+    with lenient_optimizer_state_loading():
+        from torch.distributed.checkpoint import state_dict as module
+
+        module.set_optimizer_state_dict(model, optimizer, saved, options=full)
+    names = {id(p): n for n, p in model.named_parameters()}
+    has_state = {names[id(p)] for p in optimizer.state}
+    assert has_state == set(saved["state"])
+    for p, state in optimizer.state.items():
+        expected = saved["state"][names[id(p)]]
+        assert int(state["step"]) == 1
+        torch.testing.assert_close(whole(state["exp_avg"]), whole(expected["exp_avg"]), rtol=0, atol=0)

@@ -36,6 +36,7 @@ from gastune.errors import GastuneError, TrainingFailed
 from gastune.methods import TrainingMethod, build_method
 from gastune.models.quantization import is_quantized
 from gastune.training import checkpoint, identity
+from gastune.training.fsdp_resume import lenient_optimizer_state_loading
 from gastune.training.health import StepAccounting, StepCheck
 from gastune.training.numerics import NonFiniteLoss, SampleGuard, has_targets, zero_gradient_loss
 
@@ -242,7 +243,11 @@ class GastuneMixin:
 
     def _load_optimizer_and_scheduler(self, resume_from_checkpoint: str | None) -> None:
         # Called exactly once when training resumes, under every backend (DDP, FSDP, DeepSpeed).
-        super()._load_optimizer_and_scheduler(resume_from_checkpoint)
+        if getattr(self, "is_fsdp_enabled", False):
+            with lenient_optimizer_state_loading():  # layers not trained yet have no state
+                super()._load_optimizer_and_scheduler(resume_from_checkpoint)
+        else:
+            super()._load_optimizer_and_scheduler(resume_from_checkpoint)
         if resume_from_checkpoint is None:
             return
         state = checkpoint.load_method_state(
@@ -308,7 +313,7 @@ def check_sharding(trainer) -> None:
     if getattr(trainer, "is_fsdp_enabled", False):
         plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
         version = getattr(plugin, "fsdp_version", 1)
-        sharded = f"FSDP{version}" if version != 2 else "FSDP2"
+        sharded = f"FSDP{version}"
     elif getattr(trainer, "is_deepspeed_enabled", False) and is_deepspeed_zero3_enabled():
         sharded = "DeepSpeed ZeRO-3"
     if sharded is None:
