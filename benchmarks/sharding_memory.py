@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from provenance import provenance, write_json  # noqa: E402
+from step_cost import rss_bytes  # noqa: E402
 
 SHAPES = {
     # name: (hidden, intermediate, layers, heads, kv_heads, vocab)
@@ -35,11 +36,6 @@ SHAPES = {
     "tiny": (64, 128, 4, 4, 2, 1000),
 }
 MODES = ("ddp", "fsdp2")
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class PeakRss:

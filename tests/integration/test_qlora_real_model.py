@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-import gastune.engine.reference as reference_module
 from gastune.data import CausalLMCollator
 from gastune.engine import GastEngine, GastSettings, per_sample_loss, support_gradients
 from gastune.engine.reference import reference_gast_gradients
@@ -19,6 +18,7 @@ from gastune.models import load_tokenizer
 from gastune.training import DataConfig, GastuneConfig, ModelConfig
 from gastune.training.adapters import apply_adapter
 from gastune.training.run import build_dataset, load_base_model, load_training_records, train
+from tests.helpers import record_reference_choices
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("bitsandbytes", reason="the qlora extra (bitsandbytes) is not installed")
@@ -86,15 +86,7 @@ def test_gast_step_on_the_4bit_real_model_equals_the_reference(tmp_path, monkeyp
     groups = [g.params for g in engine.groups]
     engine.detach()
 
-    reference_chosen: list[list[int]] = []
-    choose = reference_module.choose_samples
-
-    def recording_choose(*args, **kwargs):
-        picked = choose(*args, **kwargs)
-        reference_chosen.append(picked.tolist())
-        return picked
-
-    monkeypatch.setattr(reference_module, "choose_samples", recording_choose)
+    reference_chosen = record_reference_choices(monkeypatch)
     ref = reference_gast_gradients(model, batch, settings, support_batch, 3, groups=groups)
     assert len(chosen) == LAYERS and chosen == reference_chosen
     assert set(ref) == set(grads)

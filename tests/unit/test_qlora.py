@@ -13,7 +13,6 @@ import pytest
 import torch
 from peft import get_peft_model
 
-import gastune.engine.reference as reference_module
 from gastune.engine import GastEngine, GastSettings, per_sample_loss, support_gradients
 from gastune.engine.reference import reference_gast_gradients
 from gastune.errors import GastuneError
@@ -23,6 +22,7 @@ from gastune.models.quantization import is_quantized, keep_cpu_weights_unpacked,
 from gastune.training.adapters import build_peft_config
 from tests import helpers
 from tests.conftest import make_batch, tiny_llama_for, tiny_model
+from tests.helpers import record_reference_choices
 from tests.unit._baseline_helpers import trainer_for
 
 bnb = pytest.importorskip("bitsandbytes", reason="the qlora extra (bitsandbytes) is not installed")
@@ -67,15 +67,7 @@ def test_gast_on_a_quantised_base_equals_the_reference_on_that_model(tmp_path, m
     chosen = [r.chosen for r in sorted(engine.records, key=lambda r: r.group)]
     engine.detach()
 
-    reference_chosen: list[list[int]] = []
-    choose = reference_module.choose_samples
-
-    def recording_choose(*args, **kwargs):
-        picked = choose(*args, **kwargs)
-        reference_chosen.append(picked.tolist())
-        return picked
-
-    monkeypatch.setattr(reference_module, "choose_samples", recording_choose)
+    reference_chosen = record_reference_choices(monkeypatch)
     ref = reference_gast_gradients(model, batch, settings, support_batch, 7, groups=groups)
     assert chosen == reference_chosen and len(chosen) == 3 and all(len(c) == 3 for c in chosen)
     assert len({tuple(c) for c in chosen}) > 1, "blocks should not all pick the same samples"
