@@ -142,3 +142,19 @@ def accelerate_launch(
     }
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     return proc.returncode, proc.stdout + proc.stderr
+
+
+def record_reference_choices(monkeypatch) -> list[list[int]]:
+    """Make ``engine/reference.py`` record the samples it chooses for each group, in order."""
+    import gastune.engine.reference as reference
+
+    chosen: list[list[int]] = []
+    choose = reference.choose_samples
+
+    def recording_choose(*args, **kwargs):
+        picked = choose(*args, **kwargs)
+        chosen.append(picked.tolist())
+        return picked
+
+    monkeypatch.setattr(reference, "choose_samples", recording_choose)
+    return chosen

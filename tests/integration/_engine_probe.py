@@ -8,7 +8,9 @@ Under ``$GASTUNE_PROBE_DIR`` each rank writes:
 - ``engine_rank{r}.json`` at its first training step: the model's wrapper, the distributed type
   and process-group backend, DeepSpeed's ZeRO stage and optimizers, whether FSDP is on, how many
   parameters are DTensors (FSDP2 shards) and which modules are FSDP-wrapped;
-- ``params_rank{r}.pt`` after training: every trainable parameter, whole (DTensors gathered).
+- ``params_rank{r}.pt`` after training: every trainable parameter, whole (DTensors gathered);
+- ``selections_rank{r}.pt`` after training: the method's selection masks on this rank;
+- ``optim_rank{r}.pt`` after training (not under DeepSpeed): the optimizer state per parameter.
 
 CPU FSDP (``GASTUNE_TEST_CPU_FSDP=1``): accelerate has no FSDP on the CPU. ``AcceleratorState``
 turns a launch into FSDP only for a GPU-like distributed type, so with ``--use_cpu true`` an FSDP
@@ -75,6 +77,27 @@ def engine_info(trainer, model) -> dict:
     return info
 
 
+def optimizer_state(trainer, inner) -> dict:
+    """The optimizer's state of every trainable parameter, by name, whole (DTensors gathered in
+    the same order on every rank): e.g. AdamW's ``step``, ``exp_avg``, ``exp_avg_sq``."""
+    state = (
+        trainer.optimizer.optimizer.state
+        if hasattr(trainer.optimizer, "optimizer")
+        else trainer.optimizer.state
+    )
+    out = {}
+    for name, p in inner.named_parameters():
+        if not p.requires_grad:
+            continue
+        entry = {}
+        for key, value in sorted(state.get(p, {}).items()):
+            if hasattr(value, "full_tensor"):
+                value = value.full_tensor()
+            entry[key] = value.detach().float().cpu().clone() if hasattr(value, "detach") else value
+        out[name] = entry
+    return out
+
+
 def install_probes(probe_dir: str) -> None:
     import torch
 
@@ -93,6 +116,7 @@ def install_probes(probe_dir: str) -> None:
     def probed_train(self, *args, **kwargs):
         output = train(self, *args, **kwargs)
         inner = self.accelerator.unwrap_model(self.model_wrapped)
+        rank = self.args.process_index
         params = {}
         for name, p in inner.named_parameters():  # same order on every rank: the gathers match
             if p.requires_grad:
@@ -100,6 +124,15 @@ def install_probes(probe_dir: str) -> None:
                 t = t.full_tensor() if hasattr(t, "full_tensor") else t
                 params[name] = t.float().cpu().clone()
         torch.save(params, os.path.join(probe_dir, f"params_rank{self.args.process_index}.pt"))
+        # what the method chose on this rank: its selection masks (a wrapped method's too)
+        method = self.method
+        selections = {
+            "masks": [m.clone() for _, m in getattr(method, "masks", [])],
+            "inner_masks": [m.clone() for _, m in getattr(getattr(method, "inner", None), "masks", [])],
+        }
+        torch.save(selections, os.path.join(probe_dir, f"selections_rank{self.args.process_index}.pt"))
+        if not self.is_deepspeed_enabled:
+            torch.save(optimizer_state(self, inner), os.path.join(probe_dir, f"optim_rank{rank}.pt"))
         return output
 
     GastuneMixin.training_step = probed_training_step

@@ -222,11 +222,15 @@ def test_fsdp2_with_a_sharded_state_dict_fails_instead_of_claiming_a_saved_adapt
     assert not (run.out / "adapter_model.safetensors").exists()
 
 
-def test_fsdp2_refuses_gast_with_one_error_line_per_rank(launch):
-    run = launch("fsdp2-gast", FSDP2, "gast", SGD, cpu_fsdp=True)
+def test_fsdp2_refuses_a_4bit_base_with_one_error_line_per_rank(launch):
+    """Sparse methods train under FSDP2 (tests/integration/test_fsdp2_methods.py); a bitsandbytes
+    base under FSDP2 is refused."""
+    pytest.importorskip("bitsandbytes")
+    run = launch("fsdp2-qlora", FSDP2, "gast", [*SGD, "--load_in_4bit", "true"], cpu_fsdp=True)
     assert run.code != 0
     errors = cli_errors(run.log)
-    assert errors == ["method 'gast' does not support FSDP (parameter sharding)"] * 2, run.log[-4000:]
+    expected = "a 4-bit/8-bit (bitsandbytes) base is not supported under FSDP2"
+    assert errors == [expected] * 2, run.log[-4000:]
     # no traceback through our code (the launcher prints its own, through torch.distributed)
     assert not re.search(r'File "[^"]*/gastune/[^"]*\.py"', run.log), run.log[-4000:]
     assert not (run.out / "adapter_model.safetensors").exists()

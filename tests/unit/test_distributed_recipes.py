@@ -165,21 +165,52 @@ def test_gradient_checkpointing_through_the_trainer_equals_the_plain_run(tmp_pat
 
 
 # ------------------------------------------------------------ sharding
-@pytest.mark.parametrize("backend", ["fsdp", "zero3"])
-def test_sparse_methods_refuse_parameter_sharding(backend, tmp_path, monkeypatch):
-    """FSDP/ZeRO-3 cannot run here (no GPU, no DeepSpeed): the check is fed their flags."""
+def _sharded_trainer(tmp_path, monkeypatch, backend: str, model=None):
+    """FSDP/ZeRO-3 cannot run in the fast tier: the check is fed their flags."""
+    from types import SimpleNamespace
+
     trainer = GastuneTrainer(
-        model=lora_model(), args=config(tmp_path), train_dataset=row_dataset(), data_collator=stack_rows
+        model=model if model is not None else lora_model(),
+        args=config(tmp_path),
+        train_dataset=row_dataset(),
+        data_collator=stack_rows,
     )
-    if backend == "fsdp":
+    if backend.startswith("fsdp"):
         monkeypatch.setattr(trainer, "is_fsdp_enabled", True)
+        plugin = SimpleNamespace(fsdp_version=int(backend[-1]))
+        monkeypatch.setattr(trainer.accelerator.state, "fsdp_plugin", plugin, raising=False)
     else:
         monkeypatch.setattr(trainer, "is_deepspeed_enabled", True)
         monkeypatch.setattr("gastune.training.trainer.is_deepspeed_zero3_enabled", lambda: True)
-    with pytest.raises(GastuneError, match=r"does not support (FSDP|DeepSpeed ZeRO-3)"):
+    return trainer
+
+
+@pytest.mark.parametrize("backend,name", [("fsdp1", "FSDP1"), ("zero3", "DeepSpeed ZeRO-3")])
+def test_sparse_methods_refuse_fsdp1_and_zero3_in_one_line(backend, name, tmp_path, monkeypatch):
+    trainer = _sharded_trainer(tmp_path, monkeypatch, backend)
+    with pytest.raises(GastuneError, match=f"method 'gast' does not support {name} ") as err:
         check_sharding(trainer)
+    assert "\n" not in str(err.value)
     monkeypatch.setattr(trainer, "method", TrainingMethod())  # dense LoRA: plain Trainer training
     check_sharding(trainer)
+
+
+def test_every_method_is_accepted_under_fsdp2(tmp_path, monkeypatch):
+    trainer = _sharded_trainer(tmp_path, monkeypatch, "fsdp2")
+    check_sharding(trainer)  # gast (tests/integration/test_fsdp2_methods.py trains it)
+
+
+@pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
+def test_a_quantised_base_refuses_parameter_sharding(backend, tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    model = lora_model()
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    layer.base_layer = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features, bias=False)
+    trainer = _sharded_trainer(tmp_path, monkeypatch, backend, model=model)
+    with pytest.raises(GastuneError, match=r"a 4-bit/8-bit \(bitsandbytes\) base is not supported under"):
+        check_sharding(trainer)
 
 
 def test_shipped_launch_configs_are_well_formed():
@@ -192,3 +223,6 @@ def test_shipped_launch_configs_are_well_formed():
     assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp_config"]["fsdp_version"] == 2
     # SHARDED_STATE_DICT makes save_model write no adapter (tests/integration/test_distributed_engines.py)
     assert fsdp["fsdp_config"]["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    # 2 machines × 1 process (tests/integration/test_multinode.py launches each machine rank)
+    multi = yaml.safe_load((REPO / "configs/accelerate/multinode_cpu.yaml").read_text())
+    assert multi["num_machines"] == 2 and multi["num_processes"] == 2 and multi["rdzv_backend"] == "static"

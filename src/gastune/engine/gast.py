@@ -27,6 +27,7 @@ from torch import nn
 from gastune.engine.capture import BlockCapture, GenericCall
 from gastune.engine.gate import BlockGate
 from gastune.engine.generic import call_unit_of, detached_call, replay_per_sample
+from gastune.engine.live import live_parameters, names_in_block
 from gastune.engine.persample_linear import per_sample_linear_forward
 from gastune.engine.settings import GastSettings
 from gastune.engine.stats import SelectionRecord
@@ -45,6 +46,8 @@ class Group:
     block: int
     name: str
     params: list[nn.Parameter] = field(default_factory=list)
+    # where each of ``params`` sits in its block's parameter list (the gate's live copies)
+    positions: list[int] = field(default_factory=list)
 
 
 def _is_plain_linear(module: nn.Module) -> bool:
@@ -75,6 +78,10 @@ class GastEngine:
                 "decoder block, so the adapter must add trainable tensors to the blocks"
             )
         self.block_parameters: list[list[nn.Parameter]] = [[p for _, p in named] for named in per_block]
+        # Under FSDP2 a block runs on gathered copies of its parameters: the gate looks them up
+        # by name when the block runs (gastune.engine.live).
+        self._names = [names_in_block(b, ps) for b, ps in zip(self.blocks.blocks, self.block_parameters)]
+        self._live: dict[int, list[torch.Tensor]] = {}
         self.groups: list[Group] = []
         self._linear: list[tuple[int, nn.Linear]] = []
         self._generic: dict[str, tuple[int, dict[str, nn.Parameter]]] = {}
@@ -97,7 +104,7 @@ class GastEngine:
         seen_linear: set[int] = set()
         groups: dict[tuple[int, str], Group] = {}
         for block, named in enumerate(per_block):
-            for name, param in named:
+            for position, (name, param) in enumerate(named):
                 owner_name, leaf = name.rsplit(".", 1)
                 owner = self.model.get_submodule(owner_name)
                 if _is_plain_linear(owner) and leaf in ("weight", "bias"):
@@ -116,6 +123,7 @@ class GastEngine:
                     label = f"{self.blocks.prefix}.{block}" + (f":{key[1]}" if key[1] else "")
                     groups[key] = Group(index=len(groups), block=block, name=label)
                 groups[key].params.append(param)
+                groups[key].positions.append(position)
         self.groups = list(groups.values())
 
     def attach(self) -> GastEngine:
@@ -175,9 +183,10 @@ class GastEngine:
             capture = self._captures.get(block) if self._armed else None
             if capture is None or not torch.is_grad_enabled():
                 return original(*args, **kwargs)
-            out = detached_call(module, original, params, args, kwargs)
+            live = dict(zip(params, live_parameters(module, list(params))))  # FSDP2: gathered copies
+            out = detached_call(module, original, live, args, kwargs)
             if isinstance(out, torch.Tensor) and out.requires_grad:
-                call = GenericCall(forward=original, args=args, kwargs=kwargs, params=params)
+                call = GenericCall(forward=original, args=args, kwargs=kwargs, params=live)
                 capture.generic_calls.append(call)
                 out.register_hook(call.set_grad)
             return out
@@ -188,7 +197,8 @@ class GastEngine:
         def hook(module, args, kwargs):
             if not self._armed or not torch.is_grad_enabled() or index not in self._captures:
                 return None
-            params = self.block_parameters[index]
+            params = live_parameters(module, self._names[index])  # FSDP2 has just gathered them
+            self._live[index] = params
             if args:
                 hidden = BlockGate.apply(self._finish_block, index, args[0], *params)
                 return (hidden, *args[1:]), kwargs
@@ -232,6 +242,7 @@ class GastEngine:
             if any(p.requires_grad for p in params)
         }
         self._support, self._step_seed, self._armed = support, step_seed, True
+        self._live = {}
         self._on_block = on_block
         self.records = []
         failed = False
@@ -243,7 +254,7 @@ class GastEngine:
         finally:
             self._armed = False
             pending = [i for i, c in self._captures.items() if c.grads or c.generic_calls]
-            self._captures, self._support, self._on_block = {}, None, None
+            self._captures, self._support, self._on_block, self._live = {}, None, None, {}
             if pending and not failed:
                 raise RuntimeError(
                     f"gastune: blocks {pending} captured gradients that never reached their gate; "
@@ -253,7 +264,8 @@ class GastEngine:
     def _finish_block(self, index: int) -> list[torch.Tensor]:
         """Called by block ``index``'s gate: select samples, return the selected gradients."""
         capture = self._captures.pop(index, None)
-        params = self.block_parameters[index]
+        # the tensors the block's forward used (its parameters, or FSDP2's gathered copies)
+        params = self._live.get(index) or self.block_parameters[index]
         if capture is None:  # e.g. a second backward through the same graph
             return [torch.zeros_like(p) for p in params]
         for call in capture.generic_calls:
@@ -264,14 +276,16 @@ class GastEngine:
         n, k = capture.batch_size, self._k
         result: dict[int, torch.Tensor] = {}
         for group in self._groups_by_block[index]:
-            per_sample = [capture.get(p) for p in group.params]
+            live = [params[j] for j in group.positions]
+            per_sample = [capture.get(p) for p in live]
             if self._support is None:
                 support = [g.mean(dim=0) for g in per_sample]
             else:
-                # a frozen parameter of a partly frozen block has no support gradient
+                # keyed by the attached parameters; a frozen parameter of a partly frozen block
+                # has no support gradient
                 support = [
-                    self._support[id(p)] if id(p) in self._support else torch.zeros_like(p)
-                    for p in group.params
+                    self._support[id(p)] if id(p) in self._support else torch.zeros_like(q)
+                    for p, q in zip(group.params, live)
                 ]
             scores = alignment_scores(per_sample, support, self.settings.score)
             chosen = choose_samples(
@@ -283,7 +297,7 @@ class GastEngine:
             )
             # Per-sample gradients carry the loss's 1/N; N/|chosen| turns their sum into the mean.
             scale = n / max(len(chosen), 1)
-            for p, g in zip(group.params, per_sample):
+            for p, g in zip(live, per_sample):
                 picked = (
                     g.index_select(0, chosen.to(g.device)).sum(dim=0)
                     if len(chosen)

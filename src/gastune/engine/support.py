@@ -7,26 +7,36 @@ import logging
 import torch
 from torch import nn
 
+from gastune.engine.live import parameters_in_use
 from gastune.engine.loss import per_sample_loss
 
 logger = logging.getLogger(__name__)
 
 
 def support_gradients(
-    model: nn.Module, batch: dict[str, torch.Tensor], block_parameters: list[list[nn.Parameter]]
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    block_parameters: list[list[nn.Parameter]],
+    blocks: list[nn.Module] | None = None,
 ) -> dict[int, torch.Tensor]:
     """G_l = ∇_{θ_l} mean_s ℓ(s) for every block parameter, keyed by ``id(param)``.
 
     Uses ``torch.autograd.grad`` so nothing is accumulated into ``.grad`` (important under
     gradient accumulation) and no data-parallel reduction is triggered: each rank keeps its
-    own support gradient. Run it with the engine disarmed.
+    own support gradient (under FSDP2 nothing reaches ``.grad``, so nothing is
+    reduce-scattered either). Run it with the engine disarmed.
+
+    ``blocks`` (the decoder blocks ``block_parameters`` belong to) makes it work under FSDP2:
+    the gradient is then taken with respect to the tensors each block's forward really used
+    (``gastune.engine.live``), whole on every rank.
     """
     # Parameters a layer-selective method froze for this step are left out (no entry), so
     # back-propagation stops below the lowest trainable block.
     params = [p for block in block_parameters for p in block if p.requires_grad]
     if not params:
         return {}
-    losses = _support_losses(model, batch)
+    with parameters_in_use(blocks or [], block_parameters) as in_use:
+        losses = _support_losses(model, batch)
     # A support sample with a NaN/inf loss would make every block's support gradient NaN (and
     # with it every score). Masking its loss is not enough — its inf activations meet a zero
     # gradient in the batch-summed weight gradients (0 × inf = NaN) — so the forward is run
@@ -35,15 +45,17 @@ def support_gradients(
     if not finite.all():
         if not finite.any():
             logger.warning("every support sample has a non-finite loss; this step's support gradient is zero")
-            return {id(p): torch.zeros_like(p) for p in params}
+            return {id(p): torch.zeros_like(in_use.get(id(p), p)) for p in params}
         logger.warning("dropped %d support sample(s) with a non-finite loss", int((~finite).sum()))
         rows = finite.nonzero().flatten()
         batch = {
             k: v.index_select(0, rows.to(v.device)) if torch.is_tensor(v) else v for k, v in batch.items()
         }
-        losses = _support_losses(model, batch)
-    grads = torch.autograd.grad(losses.mean(), params, allow_unused=True)
-    return {id(p): (torch.zeros_like(p) if g is None else g.detach()) for p, g in zip(params, grads)}
+        with parameters_in_use(blocks or [], block_parameters) as in_use:
+            losses = _support_losses(model, batch)
+    used = [in_use.get(id(p), p) for p in params]
+    grads = torch.autograd.grad(losses.mean(), used, allow_unused=True)
+    return {id(p): (torch.zeros_like(u) if g is None else g.detach()) for p, u, g in zip(params, used, grads)}
 
 
 def _support_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -134,7 +134,9 @@ class DataSelectMethod(TrainingMethod):
         picks = torch.randperm(len(self.val_rows), generator=self._val_gen)[: self.val_size].tolist()
         val_batch = self.val_rows.batch(picks)
         with trainer.compute_loss_context_manager():
-            val_grad = support_gradients(unwrapped, val_batch, self.scorer.block_parameters)
+            val_grad = support_gradients(
+                unwrapped, val_batch, self.scorer.block_parameters, blocks=self.scorer.engine.blocks.blocks
+            )
         measured = self.scorer.score(batch, gram=True, reference=val_grad, context=context)
         lr = self.lr if self.lr is not None else float(trainer.lr_scheduler.get_last_lr()[0])
         return torch.sort(

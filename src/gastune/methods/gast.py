@@ -95,7 +95,10 @@ class GastMethod(TrainingMethod):
             batch = self._support_batch(trainer)
             with trainer.compute_loss_context_manager():
                 support = support_gradients(
-                    trainer.accelerator.unwrap_model(model), batch, self.engine.block_parameters
+                    trainer.accelerator.unwrap_model(model),
+                    batch,
+                    self.engine.block_parameters,
+                    blocks=self.engine.blocks.blocks,  # FSDP2: the gathered copies
                 )
         step_seed = int(torch.randint(0, 2**62, (1,), generator=self._select_gen))
         full = trainer.args.per_device_train_batch_size

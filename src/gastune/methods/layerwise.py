@@ -44,6 +44,7 @@ from typing import Any, Protocol
 
 import torch
 
+from gastune.engine.live import parameters_in_use
 from gastune.engine.loss import per_sample_loss
 from gastune.errors import GastuneError
 from gastune.methods.base import TrainingMethod, register_method
@@ -263,29 +264,38 @@ def diagonal_fisher(
     batches: Iterable[dict[str, torch.Tensor]],
     per_block: list[list[torch.nn.Parameter]],
     context: Callable[[], AbstractContextManager] = nullcontext,
+    blocks: list[torch.nn.Module] | None = None,
 ) -> list[list[torch.Tensor]]:
     """Empirical diagonal Fisher of every block tensor: the mean over single-example batches
     (eval mode) of the squared gradient of the example's loss (its mean token loss).
 
+    ``blocks`` (the decoder blocks of ``per_block``) makes it work under FSDP2: gradients are
+    then taken with respect to the gathered copies each block's forward used.
+
     Returns:
-        ``fisher[l][j]``: fp32 tensor shaped like ``per_block[l][j]``.
+        ``fisher[l][j]``: fp32 tensor shaped like the (whole) parameter ``per_block[l][j]``.
     """
     params = [p for block in per_block for p in block]
-    fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    fisher: list[torch.Tensor] | None = None
     count = 0
     was_training = model.training
     model.eval()
     try:
         for batch in batches:
-            with context():
+            with context(), parameters_in_use(blocks or [], per_block) as in_use:
                 out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
                 loss = per_sample_loss(out.logits, batch["labels"]).mean()
-            for f, g in zip(fisher, torch.autograd.grad(loss, params, allow_unused=True)):
+            used = [in_use.get(id(p), p) for p in params]
+            if fisher is None:
+                fisher = [torch.zeros(u.shape, dtype=torch.float32, device=u.device) for u in used]
+            for f, g in zip(fisher, torch.autograd.grad(loss, used, allow_unused=True)):
                 if g is not None:
                     f.add_(g.float().square())
             count += 1
     finally:
         model.train(was_training)
+    if fisher is None:  # no example
+        fisher = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
     it = iter(f.div_(max(count, 1)) for f in fisher)
     return [[next(it) for _ in block] for block in per_block]
 
@@ -320,7 +330,8 @@ class FisherLayers:
             self.indices = torch.randperm(len(self.rows), generator=generator)[: self.samples].tolist()
             batches = (self.rows.batch([i]) for i in self.indices)
             context = trainer.compute_loss_context_manager
-            fisher = diagonal_fisher(model, batches, self.freezer.per_block, context)
+            blocks = self.freezer.blocks.blocks
+            fisher = diagonal_fisher(model, batches, self.freezer.per_block, context, blocks)
             self.scores = fisher_layer_scores(fisher)
             self.chosen = top_layers(self.scores, self.k)
             logger.info(

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from gastune.engine import GastEngine
+from gastune.engine.live import parameters_in_use
 from gastune.engine.loss import per_sample_loss
 
 
@@ -78,10 +79,12 @@ class PerSampleGradients:
                     dots.add_((flat @ ref).double().cpu())
 
         params = [p for block in self.engine.block_parameters for p in block if p.requires_grad]
+        blocks = self.engine.blocks.blocks
         with self.engine.step(n, on_block=on_block), torch.enable_grad():
-            with context or nullcontext():
+            with context or nullcontext(), parameters_in_use(blocks, self.engine.block_parameters) as in_use:
                 out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
                 losses = per_sample_loss(out.logits, batch["labels"])
             # The sum, not the mean: the engine then hands over ∇ℓ_i itself, not ∇ℓ_i / N.
-            torch.autograd.grad(losses.sum(), params, allow_unused=True)
+            # Under FSDP2 autograd sees the gathered copies of the parameters, not ``params``.
+            torch.autograd.grad(losses.sum(), [in_use.get(id(p), p) for p in params], allow_unused=True)
         return SampleScores(losses=losses.detach().double().cpu(), sq_norms=sq, gram=full, ref_dots=dots)

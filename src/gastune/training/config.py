@@ -50,7 +50,17 @@ class ModelConfig:
         metadata={"help": "Comma-separated module names, or 'auto' (q,k,v,up,down when present)."},
     )
 
+    load_in_4bit: bool = field(
+        default=False,
+        metadata={"help": "QLoRA: load the base model in 4 bits (bitsandbytes NF4; extra 'qlora')."},
+    )
+    load_in_8bit: bool = field(
+        default=False, metadata={"help": "Load the base model in 8 bits (bitsandbytes; extra 'qlora')."}
+    )
+
     def __post_init__(self) -> None:
+        if self.load_in_4bit and self.load_in_8bit:
+            raise GastuneError("--load_in_4bit and --load_in_8bit exclude each other; choose one")
         if self.tuner is not None and self.tuner not in TUNERS:
             raise GastuneError(f"unknown tuner '{self.tuner}'; choose one of {', '.join(TUNERS)}")
         if self.lora_r < 1:

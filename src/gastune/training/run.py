@@ -14,11 +14,13 @@ import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from transformers import set_seed
 
 from gastune.errors import GastuneError
 from gastune.models import find_decoder_blocks, load_model, load_tokenizer
 from gastune.models.portable import describe_base, make_portable
+from gastune.models.quantization import keep_cpu_weights_unpacked, quantization_config
 from gastune.training import checkpoint
 from gastune.training.adapters import apply_adapter
 from gastune.training.config import DataConfig, GastuneConfig, ModelConfig
@@ -109,6 +111,24 @@ def build_dataset(records: list[dict], tokenizer, data_cfg: DataConfig):
     )
 
 
+def load_base_model(model_cfg: ModelConfig, config: GastuneConfig):
+    """The base model, quantised with bitsandbytes under ``--load_in_4bit``/``--load_in_8bit``
+    (QLoRA), on this process's device."""
+    quant = quantization_config(
+        model_cfg.load_in_4bit, model_cfg.load_in_8bit, torch.bfloat16 if config.bf16 else torch.float32
+    )
+    if quant is None:
+        return load_model(model_cfg.model)
+    # Quantisation happens while loading, on the device the weights are loaded to: this rank's.
+    model = load_model(model_cfg.model, quantization_config=quant, device_map={"": config.device})
+    from peft import prepare_model_for_kbit_training
+
+    # Freezes the base, keeps norms and other small tensors in fp32; gradient checkpointing stays
+    # the Trainer's choice (--gradient_checkpointing).
+    keep_cpu_weights_unpacked(model)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
 def train(
     model_cfg: ModelConfig, data_cfg: DataConfig, config: GastuneConfig, callbacks: list | None = None
 ) -> TrainResult:
@@ -154,7 +174,7 @@ def train(
         )
     # Seed before the adapter is created: its initialisation (LoRA's A) must follow --seed too.
     set_seed(config.seed)
-    model = load_model(model_cfg.model)
+    model = load_base_model(model_cfg, config)
     find_decoder_blocks(model)  # fail early, with a clear message, on a model without decoder layers
     vocab = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > vocab:  # otherwise an IndexError deep in the embedding lookup

@@ -34,7 +34,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotat
 from gastune.engine.loss import per_sample_loss
 from gastune.errors import GastuneError, TrainingFailed
 from gastune.methods import TrainingMethod, build_method
+from gastune.models.quantization import is_quantized
 from gastune.training import checkpoint, identity
+from gastune.training.fsdp_resume import lenient_optimizer_state_loading
 from gastune.training.health import StepAccounting, StepCheck
 from gastune.training.numerics import NonFiniteLoss, SampleGuard, has_targets, zero_gradient_loss
 
@@ -241,7 +243,11 @@ class GastuneMixin:
 
     def _load_optimizer_and_scheduler(self, resume_from_checkpoint: str | None) -> None:
         # Called exactly once when training resumes, under every backend (DDP, FSDP, DeepSpeed).
-        super()._load_optimizer_and_scheduler(resume_from_checkpoint)
+        if getattr(self, "is_fsdp_enabled", False):
+            with lenient_optimizer_state_loading():  # layers not trained yet have no state
+                super()._load_optimizer_and_scheduler(resume_from_checkpoint)
+        else:
+            super()._load_optimizer_and_scheduler(resume_from_checkpoint)
         if resume_from_checkpoint is None:
             return
         state = checkpoint.load_method_state(
@@ -294,25 +300,36 @@ def _finished(progress: dict, args) -> bool:
 
 
 def check_sharding(trainer) -> None:
-    """Refuse sparse methods under parameter sharding (FSDP, DeepSpeed ZeRO-3).
+    """Refuse the combinations with parameter sharding that are not supported, in one line.
 
-    The GAST engine keys per-sample gradients by parameter identity and delivers whole
-    gradients through each block's gate; FSDP and ZeRO-3 swap parameters between sharded
-    and gathered copies. That combination is untested (docs/distributed.md), so it fails
-    loudly rather than training wrong. Dense LoRA/DoRA are plain Trainer training.
+    Every method trains under FSDP2: the engine takes its gradients with respect to the copies
+    FSDP2 gathers for each block (``gastune.engine.live``) and delivers them through the block's
+    gate into the gathered parameters' ``.grad``, which FSDP2 reduce-scatters as usual. Refused:
+    sparse methods under FSDP1 (flat parameters: one ``requires_grad`` per flat tensor) and under
+    DeepSpeed ZeRO-3 (not done), and a bitsandbytes-quantised base under either kind of sharding.
+    Dense LoRA/DoRA are plain Trainer training.
     """
-    if type(trainer.method) is TrainingMethod:
-        return
     sharded = None
     if getattr(trainer, "is_fsdp_enabled", False):
-        sharded = "FSDP"
+        plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+        version = getattr(plugin, "fsdp_version", 1)
+        sharded = f"FSDP{version}"
     elif getattr(trainer, "is_deepspeed_enabled", False) and is_deepspeed_zero3_enabled():
         sharded = "DeepSpeed ZeRO-3"
-    if sharded:
+    if sharded is None:
+        return
+    if is_quantized(trainer.model):
         raise GastuneError(
-            f"method '{trainer.method.name}' does not support {sharded} (parameter sharding); "
-            "use data parallel (configs/accelerate/ddp_*.yaml) or DeepSpeed ZeRO-2, or a dense method"
+            f"a 4-bit/8-bit (bitsandbytes) base is not supported under {sharded}; "
+            "use data parallel (configs/accelerate/ddp_*.yaml) or DeepSpeed ZeRO-2"
         )
+    if type(trainer.method) is TrainingMethod or sharded == "FSDP2":
+        return
+    raise GastuneError(
+        f"method '{trainer.method.name}' does not support {sharded} (parameter sharding); "
+        "use FSDP2 (fsdp_version: 2), data parallel (configs/accelerate/ddp_*.yaml) or DeepSpeed "
+        "ZeRO-2, or a dense method"
+    )
 
 
 def _selection_engine(method):

@@ -1,0 +1,214 @@
+"""Per-rank memory of GAST under FSDP2 against DDP: 2 CPU processes (gloo), random-init Llama.
+
+Each mode runs in its own ``torch.distributed.run`` launch of 2 ranks; modes alternate over
+rounds. Every rank builds the model with LoRA (r=8 on q,k,v,up,down), wraps it (DDP, or FSDP2:
+``fully_shard`` per decoder block and at the root), and trains 3 GAST steps (k = half the batch,
+support = the batch, SGD). It reports the bytes of parameters it holds (FSDP2: its shards) and
+its resident memory: after the build, after the wrap, and the peak during the steps (sampled
+every 5 ms). ``MALLOC_MMAP_THRESHOLD_`` makes freed tensors go back to the OS, so a shard's
+saving shows in the resident size.
+
+Run (about 6 minutes on 2 loaded cores at the default shape):
+    python benchmarks/sharding_memory.py --shape llama-350m --out docs/results/sharding_memory_cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from provenance import provenance, write_json  # noqa: E402
+from step_cost import rss_bytes  # noqa: E402
+
+SHAPES = {
+    # name: (hidden, intermediate, layers, heads, kv_heads, vocab)
+    "llama-1b": (2048, 5504, 16, 16, 16, 32000),
+    "llama-350m": (1024, 2816, 24, 16, 16, 32000),
+    "tiny": (64, 128, 4, 4, 2, 1000),
+}
+MODES = ("ddp", "fsdp2")
+
+
+class PeakRss:
+    """Samples the resident size in a thread; ``peak`` is the largest seen."""
+
+    def __init__(self, every: float = 0.005):
+        self.peak, self.every, self._stop = rss_bytes(), every, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.every)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+def local_bytes(model) -> int:
+    total = 0
+    for p in model.parameters():
+        t = p.to_local() if hasattr(p, "to_local") else p
+        total += t.numel() * t.element_size()
+    return total
+
+
+def worker(args) -> None:
+    import torch
+    import torch.distributed as dist
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gastune.engine import GastEngine, GastSettings, per_sample_loss
+    from gastune.models import find_decoder_blocks
+    from gastune.training import apply_adapter
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    start = rss_bytes()
+    hidden, inter, layers, heads, kv, vocab = SHAPES[args.shape]
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+    )
+    torch.manual_seed(0)
+    model = apply_adapter(LlamaForCausalLM(cfg), r=8, alpha=16, dropout=0.0)
+    built, params_total = rss_bytes(), local_bytes(model)
+    if args.mode == "ddp":
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        for block in find_decoder_blocks(model).blocks:
+            fully_shard(block)
+        wrapped = fully_shard(model)
+    wrapped_rss, params_local = rss_bytes(), local_bytes(model)
+    engine = GastEngine(model, GastSettings(k=0.5)).attach()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    g = torch.Generator().manual_seed(1 + rank)
+    with PeakRss() as peak:
+        for step in range(args.steps):
+            ids = torch.randint(0, vocab, (args.batch, args.seq), generator=g)
+            with engine.step(args.batch, None, step_seed=step):
+                out = wrapped(input_ids=ids, attention_mask=torch.ones_like(ids))
+                per_sample_loss(out.logits, ids).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    result = {
+        "rank": rank,
+        "mode": args.mode,
+        "param_bytes_held": params_local,
+        "param_bytes_total": params_total,
+        "rss_start": start,
+        "rss_after_build": built,
+        "rss_after_wrap": wrapped_rss,
+        "rss_peak_steps": peak.peak,
+        "records": len(engine.records),
+    }
+    Path(args.result_dir, f"{args.mode}-rank{rank}.json").write_text(json.dumps(result))
+    dist.destroy_process_group()
+
+
+def free_port() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
+def launch(args, mode: str, result_dir: Path) -> list[dict]:
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    cmd = [
+        *(
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            free_port(),
+        ),
+        *(__file__, "--worker", "--mode", mode, "--shape", args.shape, "--result-dir", str(result_dir)),
+        *("--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)),
+    ]
+    subprocess.run(cmd, check=True, env=env)
+    return [json.loads((result_dir / f"{mode}-rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--mode", choices=MODES)
+    parser.add_argument("--shape", default="llama-350m", choices=sorted(SHAPES))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--result-dir", default=None)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args)
+    import tempfile
+
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(args.rounds):
+            for mode in MODES if round_ % 2 == 0 else MODES[::-1]:
+                runs.extend({**r, "round": round_} for r in launch(args, mode, Path(tmp)))
+    gib = 2**30
+    summary = {}
+    for mode in MODES:
+        mine = [r for r in runs if r["mode"] == mode]
+        summary[mode] = {
+            "param_GiB_held_per_rank": max(r["param_bytes_held"] for r in mine) / gib,
+            "rss_GiB_after_wrap_per_rank": max(r["rss_after_wrap"] for r in mine) / gib,
+            "rss_GiB_peak_steps_per_rank": max(r["rss_peak_steps"] for r in mine) / gib,
+            # above what the process held before building the model (Python, torch, libraries)
+            "model_GiB_after_wrap_per_rank": max(r["rss_after_wrap"] - r["rss_start"] for r in mine) / gib,
+            "model_GiB_peak_steps_per_rank": max(r["rss_peak_steps"] - r["rss_start"] for r in mine) / gib,
+        }
+    ratio = {k.replace("_per_rank", ""): summary["fsdp2"][k] / summary["ddp"][k] for k in summary["ddp"]}
+    result = {
+        "provenance": provenance(),
+        "settings": {k: getattr(args, k) for k in ("shape", "batch", "seq", "steps", "rounds")},
+        "ranks": 2,
+        "method": "gast (k=0.5, support=batch), LoRA r=8, SGD",
+        "summary": summary,
+        "fsdp2_over_ddp": ratio,
+        "runs": runs,
+    }
+    print(json.dumps({"summary": summary, "fsdp2_over_ddp": ratio}, indent=2))
+    if args.out:
+        write_json(Path(args.out), result)
+
+
+if __name__ == "__main__":
+    main()
