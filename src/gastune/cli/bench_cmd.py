@@ -17,6 +17,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from gastune.errors import GastuneError
@@ -48,6 +49,9 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
+_EXPONENT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _pairs(items: list[str], flag: str) -> dict:
     import yaml
 
@@ -56,7 +60,10 @@ def _pairs(items: list[str], flag: str) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise GastuneError(f"{flag} takes KEY=VALUE, got '{item}'")
-        out[key.strip()] = yaml.safe_load(value)  # "20" -> 20, "true" -> True, "a,b" -> "a,b"
+        parsed = yaml.safe_load(value)  # "20" -> 20, "true" -> True, "a,b" -> "a,b"
+        if isinstance(parsed, str) and _EXPONENT.fullmatch(parsed.strip()):
+            parsed = float(parsed)  # YAML 1.1 reads 1e-4 (no dot) as text; on a command line it is a number
+        out[key.strip()] = parsed
     return out
 
 

@@ -1,16 +1,22 @@
 """Turn ``--config file.yaml`` plus command-line flags into the three config dataclasses.
 
 Every ``TrainingArguments`` flag works. A YAML file supplies defaults that flags override;
-an unknown key in the YAML is rejected with the valid keys listed.
+an unknown key in the YAML is rejected with the valid keys listed. YAML lists work for list
+options (``label_names: [labels]``) and for comma-separated ones (``target_modules: [q_proj,
+v_proj]``); ``null`` is the default of an option whose default is ``None``. Every problem —
+in the file or on the command line — is one line, never argparse's usage dump.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 
 from gastune.errors import GastuneError
 from gastune.yaml_file import read_yaml
+
+_HELP = "see 'gastune train --help'"
 
 
 def _classes():
@@ -23,10 +29,49 @@ def valid_keys() -> list[str]:
     return sorted(f.name for cls in _classes() for f in dataclasses.fields(cls) if f.init)
 
 
-def yaml_to_argv(path: str) -> list[str]:
+def _scalar(key: str, value, path: str) -> str:
+    if isinstance(value, (dict, list)):
+        raise GastuneError(f"config key '{key}' in {path}: a list item must be a single value, got {value!r}")
+    return str(value)
+
+
+def _yaml_value(key: str, value, action, path: str) -> list[str]:
+    """The command-line arguments that give ``key`` the YAML ``value`` (``[]``: the default)."""
+    flag = f"--{key}"
+    if value is None:
+        if action.default is None:
+            return []  # null is this option's default
+        raise GastuneError(
+            f"config key '{key}' in {path} is null, but the option has no 'none' value "
+            f"(default {action.default!r}); give a value or remove the key"
+        )
+    if isinstance(value, list):
+        items = [_scalar(key, v, path) for v in value]
+        if not items:
+            raise GastuneError(
+                f"config key '{key}' in {path} is an empty list; give a value or remove the key"
+            )
+        if action.nargs in ("+", "*"):
+            if any(item.startswith("-") for item in items):
+                raise GastuneError(f"config key '{key}' in {path}: list items may not start with '-'")
+            return [flag, *items]
+        if action.type is str:  # a comma-separated option, e.g. target_modules
+            return [f"{flag}={','.join(items)}"]
+        raise GastuneError(f"config key '{key}' in {path} takes one value, got the list {value!r}")
+    if isinstance(value, dict):
+        if action.type is not str:
+            raise GastuneError(f"config key '{key}' in {path} takes one value, got the mapping {value!r}")
+        return [f"{flag}={json.dumps(value, default=str)}"]  # e.g. gradient_checkpointing_kwargs
+    # --key=value: a value that starts with '-' is never read as another option
+    return [f"{flag}={value}"]
+
+
+def yaml_to_argv(path: str, parser=None) -> list[str]:
+    """The YAML file ``path`` as command-line arguments for ``parser`` (``gastune train``'s)."""
     data = read_yaml(path, "config")
     if not isinstance(data, dict):
         raise GastuneError(f"config file '{path}' must be a mapping of option: value")
+    parser = parser or _parser()
     keys = set(valid_keys())
     argv: list[str] = []
     for key, value in data.items():
@@ -36,27 +81,51 @@ def yaml_to_argv(path: str) -> list[str]:
             raise GastuneError(
                 f"unknown config key '{key}' in {path}{hint}; valid keys: {', '.join(sorted(keys))}"
             )
-        values = value if isinstance(value, list) else [value]
-        argv += [f"--{key}", *(str(v) for v in values)]
+        argv += _yaml_value(key, value, parser._option_string_actions[f"--{key}"], path)
     return argv
+
+
+def _parser():
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(_classes(), prog="gastune train")
+
+    def error(message: str):  # argparse would print the whole usage (136 lines) and exit
+        raise GastuneError(f"{message}; {_HELP}")
+
+    parser.error = error
+    return parser
+
+
+def _split_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    for i, arg in enumerate(argv):
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise GastuneError("--config needs a YAML file")
+            return argv[i + 1], argv[:i] + argv[i + 2 :]
+        if arg.startswith("--config="):
+            return arg.partition("=")[2], argv[:i] + argv[i + 1 :]
+    return None, argv
 
 
 def parse_train_args(argv: list[str]):
     """``(ModelConfig, DataConfig, GastuneConfig)`` from ``[--config FILE] [--flag value ...]``."""
-    from transformers import HfArgumentParser
-
-    given = command_line_options(argv)
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise GastuneError("--config needs a YAML file")
-        argv = yaml_to_argv(argv[i + 1]) + argv[:i] + argv[i + 2 :]
-    parser = HfArgumentParser(_classes(), prog="gastune train")
-    model_cfg, data_cfg, config, rest = parser.parse_args_into_dataclasses(
-        args=join_negative_values(argv), return_remaining_strings=True
-    )
+    parser = _parser()
+    config_file, argv = _split_config(argv)
+    given = command_line_options(argv)  # YAML keys excluded
+    if config_file is not None:
+        argv = yaml_to_argv(config_file, parser) + argv
+    try:
+        model_cfg, data_cfg, config, rest = parser.parse_args_into_dataclasses(
+            args=join_negative_values(argv), return_remaining_strings=True
+        )
+    except GastuneError:
+        raise
+    except (ValueError, TypeError, ImportError, OSError) as exc:  # TrainingArguments' own checks
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GastuneError(f"invalid training settings: {reason}") from None
     if rest:
-        raise GastuneError(f"unknown arguments {rest}; see 'gastune train --help'")
+        raise GastuneError(f"unknown arguments {rest}; {_HELP}")
     check_method_flags(config.method, given)
     return model_cfg, data_cfg, config
 

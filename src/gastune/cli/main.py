@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except GastuneError as exc:
-        print(f"gastune {args.command}: error: {exc}", file=sys.stderr)
+        message = " ".join(str(exc).split("\n"))  # one line, even when it quotes a user's newline
+        print(f"gastune {args.command}: error: {message}", file=sys.stderr)
         return exc.exit_code  # 2: refused input or setting; 3: training failed (errors.py)
     except KeyboardInterrupt:
         print(f"gastune {args.command}: interrupted", file=sys.stderr)

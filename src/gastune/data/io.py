@@ -93,7 +93,7 @@ def normalize_record(record: Any, where: str = "record") -> dict:
     elif "text" in present:
         prompt, completion, target = "", _string(record, "text", where, "text"), "text"
     else:
-        found = ", ".join(sorted(map(str, present))) or "none"
+        found = ", ".join(sorted(k if str(k).isprintable() else repr(k) for k in map(str, present))) or "none"
         raise GastuneError(f"{where}: no known fields (found: {found}); expected the fields {SCHEMAS}")
     if not completion.strip():
         raise GastuneError(f"{where}: field '{target}' is empty, so there is nothing to train on")
@@ -163,22 +163,63 @@ def _type_name(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _decode(raw: bytes, path: Path, line_no: int | None = None, offset: int = 0) -> str:
+    """``raw`` as UTF-8 text (a leading byte-order mark is dropped), or a one-line error that
+    names the file, the line and the byte offset of the first byte that is not UTF-8."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = offset + exc.start
+        line = line_no if line_no is not None else raw.count(b"\n", 0, exc.start) + 1
+        raise GastuneError(
+            f"{path} line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at byte offset {at}); "
+            "save the file as UTF-8"
+        ) from None
+    return text[1:] if offset == 0 and text.startswith("\ufeff") else text
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    offset, first = 0, True
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            line = _decode(raw, path, line_no, offset)
+            offset += len(raw)
             if not line.strip():
                 continue  # blank lines (a trailing newline, say) are not records
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as exc:
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError, too many digits, nesting
+                if first and line.lstrip().startswith("["):  # a pretty-printed array
+                    raise GastuneError(
+                        f"{path} line {line_no}: this looks like a JSON array, but a .jsonl file holds one "
+                        "JSON object per line; save a list of records as .json instead"
+                    ) from None
                 raise GastuneError(
-                    f"{path} line {line_no}: malformed JSON ({exc.msg}, column {exc.colno})"
-                ) from exc
+                    f"{path} line {line_no}: malformed JSON ({_json_problem(exc, one_line=True)})"
+                ) from None
+            if first and isinstance(row, list):
+                raise GastuneError(
+                    f"{path} line {line_no}: a JSON array, but a .jsonl file holds one JSON object per "
+                    "line; save a list of records as .json instead"
+                )
+            first = False
             yield f"{path} line {line_no}", row
 
 
+def _json_problem(exc: Exception, one_line: bool = False) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return (
+            f"{exc.msg}, column {exc.colno}"
+            if one_line
+            else f"{exc.msg}, line {exc.lineno} column {exc.colno}"
+        )
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    text = path.read_text(encoding="utf-8")
+    text = _decode(path.read_bytes(), path)
     if not text.strip():
         raise GastuneError(f"{path}: empty dataset (the file is empty)")
     try:
@@ -187,9 +228,9 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
         if exc.msg == "Extra data":  # JSON Lines saved under a .json name: read it as such
             yield from _jsonl_rows(path)
             return
-        raise GastuneError(
-            f"{path}: malformed JSON ({exc.msg}, line {exc.lineno} column {exc.colno})"
-        ) from exc
+        raise GastuneError(f"{path}: malformed JSON ({_json_problem(exc)})") from None
+    except (ValueError, RecursionError) as exc:  # an integer with too many digits, deep nesting
+        raise GastuneError(f"{path}: malformed JSON ({_json_problem(exc)})") from None
     if not isinstance(data, list):
         raise GastuneError(f"{path}: expected a JSON list of records, got a {_type_name(data)}")
     for i, row in enumerate(data):

@@ -33,7 +33,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +51,7 @@ RESERVED = ("method", "seed", "output_dir")
 # keeps only the final adapter), no experiment trackers.
 RUN_DEFAULTS: dict[str, Any] = {"save_strategy": "no", "report_to": "none", "logging_steps": 5}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # what a user means as a number
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,56 @@ def _config_fields() -> dict[str, type]:
     }
 
 
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    hints: dict[str, Any] = {}
+    for cls in dict.fromkeys(_config_fields().values()):
+        hints.update(typing.get_type_hints(cls))
+    return hints
+
+
+def _number_kind(hint: Any) -> tuple[type, bool] | None:
+    """``(int | float | bool, optional)`` for a field of one of those types, else ``None``."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    args = typing.get_args(hint) if union else (hint,)
+    kinds = [a for a in args if a is not type(None)]
+    if len(kinds) == 1 and kinds[0] in (int, float, bool):
+        return kinds[0], type(None) in args
+    return None
+
+
+def _check_value(key: str, value: Any, hint: Any, where: str) -> None:
+    """A number/bool field must hold a YAML number/bool: a quoted "1e-4" would reach the
+    optimizer as text and fail inside every run, so it fails here, when the grid is read."""
+    kind = _number_kind(hint)
+    if kind is None:
+        return
+    expected, optional = kind
+    if value is None:
+        if optional:
+            return
+        raise GastuneError(f"{where}: '{key}' is null; give a value or remove the key")
+    if expected is bool:
+        ok = isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        return
+    wanted = {bool: "true or false", int: "an integer", float: "a number"}[expected]
+    hint_text = ""
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        hint_text = (
+            " (YAML reads a quoted number, or an exponent without a dot such as 1e-4, as text: "
+            "write it unquoted with a dot, e.g. 1.0e-4)"
+        )
+    raise GastuneError(f"{where}: '{key}' must be {wanted}, got {value!r}{hint_text}")
+
+
 def _check_keys(keys, where: str) -> None:
+    """Every key is a training setting the runner does not set itself; a mapping's values
+    must also have the setting's type (numbers as numbers)."""
     valid = _config_fields()
     for key in keys:
         if key in RESERVED:
@@ -162,6 +215,8 @@ def _check_keys(keys, where: str) -> None:
             close = difflib.get_close_matches(str(key), valid, n=3)
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise GastuneError(f"{where}: unknown training key '{key}'{hint}")
+        if isinstance(keys, dict):
+            _check_value(key, keys[key], _field_types()[key], where)
 
 
 def _entry(item: Any, i: int) -> MethodEntry:
@@ -189,6 +244,9 @@ def grid_from_dict(data: dict[str, Any]) -> Grid:
         raise GastuneError(
             f"unknown grid key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}"
         )
+    for key, kind in (("methods", list), ("train", dict), ("eval", dict)):
+        if data.get(key) is not None and not isinstance(data[key], kind):
+            raise GastuneError(f"grid key '{key}' must be a {'list' if kind is list else 'mapping'}")
     methods = [_entry(item, i) for i, item in enumerate(data.pop("methods", None) or [])]
     if not methods:
         raise GastuneError("the grid names no methods")
@@ -197,13 +255,24 @@ def grid_from_dict(data: dict[str, Any]) -> Grid:
         raise GastuneError(f"method names must be unique, got {names}")
     train = dict(data.pop("train", None) or {})
     _check_keys(train, "train")
+    eval_settings = data.pop("eval", None) or {}
+    eval_types = typing.get_type_hints(EvalSpec)
+    for key, value in eval_settings.items():
+        if key in eval_types:
+            _check_value(key, value, eval_types[key], "eval")
     try:
-        evaluation = EvalSpec(**(data.pop("eval", None) or {}))
+        evaluation = EvalSpec(**eval_settings)
     except TypeError as exc:
         raise GastuneError(f"eval: {exc}") from exc
     seeds = data.pop("seeds", [0])
-    seeds = [seeds] if isinstance(seeds, int) else list(seeds)
-    if not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+    seeds = (
+        [seeds] if isinstance(seeds, int) else (list(seeds) if isinstance(seeds, (list, tuple)) else seeds)
+    )
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
         raise GastuneError(f"seeds must be a list of integers, got {seeds!r}")
     return Grid(methods=methods, seeds=seeds, train=train, eval=evaluation, **data)
 
@@ -226,8 +295,14 @@ def build_configs(settings: dict[str, Any]):
     parts: dict[type, dict[str, Any]] = {ModelConfig: {}, DataConfig: {}, GastuneConfig: {}}
     for key, value in settings.items():
         parts[fields[key]][key] = value
-    return (
-        ModelConfig(**parts[ModelConfig]),
-        DataConfig(**parts[DataConfig]),
-        GastuneConfig(**parts[GastuneConfig]),
-    )
+    try:
+        return (
+            ModelConfig(**parts[ModelConfig]),
+            DataConfig(**parts[DataConfig]),
+            GastuneConfig(**parts[GastuneConfig]),
+        )
+    except GastuneError:
+        raise
+    except (ValueError, TypeError, ImportError, OSError) as exc:  # TrainingArguments' own checks
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GastuneError(f"invalid training settings: {reason}") from None
