@@ -33,7 +33,14 @@ from gastune.engine.settings import GastSettings
 from gastune.engine.stats import SelectionRecord
 from gastune.errors import GastuneError
 from gastune.models.blocks import BlockList, find_decoder_blocks, trainable_by_block
-from gastune.selection.sampling import alignment_scores, choose_samples, layer_generator
+from gastune.selection.sampling import (
+    alignment_scores,
+    batch_support,
+    choose_samples,
+    layer_generator,
+    mask_ineligible,
+    support_is_usable,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +105,9 @@ class GastEngine:
         self._k = 1
         self._on_block: Callable[[int, list[torch.Tensor]], None] | None = None
         self.records: list[SelectionRecord] = []
+        self._eligible: torch.Tensor | None = None
+        # groups, over all steps, whose support gradient was zero or non-finite (see step())
+        self.support_fallbacks = 0
 
     # ------------------------------------------------------------------ set-up
     def _classify(self, per_block: list[list[tuple[str, nn.Parameter]]]) -> None:
@@ -216,6 +226,7 @@ class GastEngine:
         step_seed: int = 0,
         full_batch_size: int | None = None,
         on_block: Callable[[int, list[torch.Tensor]], None] | None = None,
+        eligible: torch.Tensor | None = None,
     ) -> Iterator[None]:
         """Arm the engine for one forward + backward over a micro-batch of ``batch_size``.
 
@@ -232,6 +243,16 @@ class GastEngine:
                 ``on_block(block, per_sample)`` receives each armed block's per-sample
                 gradients of the loss, ``(N, *param.shape)`` per block parameter (fp32).
                 Back-propagate with ``torch.autograd.grad`` so that ``.grad`` stays untouched.
+            eligible: ``(N,)`` bool, the samples that may be selected. Pass
+                ``has_target_tokens(batch["labels"])``: a sample with no target token has loss
+                0 and must not take a slot. Whatever is passed, a sample whose gradient is
+                exactly zero in every tensor of a group is never selected for that group, and
+                fewer than k eligible samples means all of them are kept.
+
+        A group whose ``support`` gradient is zero or non-finite (e.g. every support sample had
+        a non-finite loss) ranks its samples by the batch's own mean gradient instead: the
+        fallback is counted in ``support_fallbacks``, flagged in the step's ``records`` and
+        logged as a warning, never a silent uniform draw.
         """
         if not self._patched:
             raise RuntimeError("GastEngine.step() before attach()")
@@ -241,10 +262,13 @@ class GastEngine:
             for i, params in enumerate(self.block_parameters)
             if any(p.requires_grad for p in params)
         }
+        if eligible is not None and tuple(eligible.shape) != (batch_size,):
+            raise GastuneError(f"eligible must have shape ({batch_size},), got {tuple(eligible.shape)}")
         self._support, self._step_seed, self._armed = support, step_seed, True
         self._live = {}
-        self._on_block = on_block
+        self._on_block, self._eligible = on_block, eligible
         self.records = []
+        fallbacks_before = self.support_fallbacks
         failed = False
         try:
             yield
@@ -255,6 +279,15 @@ class GastEngine:
             self._armed = False
             pending = [i for i, c in self._captures.items() if c.grads or c.generic_calls]
             self._captures, self._support, self._on_block, self._live = {}, None, None, {}
+            self._eligible = None
+            if self.support_fallbacks > fallbacks_before:
+                logger.warning(
+                    "GAST: %d of %d selection groups had a zero or non-finite support gradient and "
+                    "ranked samples by the batch's own mean gradient instead (%d such groups so far)",
+                    self.support_fallbacks - fallbacks_before,
+                    len(self.records),
+                    self.support_fallbacks,
+                )
             if pending and not failed:
                 raise RuntimeError(
                     f"gastune: blocks {pending} captured gradients that never reached their gate; "
@@ -278,6 +311,7 @@ class GastEngine:
         for group in self._groups_by_block[index]:
             live = [params[j] for j in group.positions]
             per_sample = [capture.get(p) for p in live]
+            fallback = False
             if self._support is None:
                 support = [g.mean(dim=0) for g in per_sample]
             else:
@@ -287,7 +321,10 @@ class GastEngine:
                     self._support[id(p)] if id(p) in self._support else torch.zeros_like(q)
                     for p, q in zip(group.params, live)
                 ]
+                if not support_is_usable(support):  # would score every sample 0 (or NaN)
+                    support, fallback = batch_support(per_sample), True
             scores = alignment_scores(per_sample, support, self.settings.score)
+            scores = mask_ineligible(scores, per_sample, self._eligible)
             chosen = choose_samples(
                 scores,
                 k,
@@ -304,6 +341,7 @@ class GastEngine:
                     else torch.zeros_like(g[0])
                 )
                 result[id(p)] = (picked * scale).to(p.dtype)
-            self.records.append(SelectionRecord.from_scores(group.index, scores, chosen))
+            self.records.append(SelectionRecord.from_scores(group.index, scores, chosen, fallback))
+            self.support_fallbacks += int(fallback)
         del capture
         return [result[id(p)] for p in params]

@@ -23,3 +23,14 @@ def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     ).view(n, t)
     counts = (shift_labels != -100).sum(dim=1)
     return token_loss.sum(dim=1) / counts.clamp_min(1)
+
+
+def has_target_tokens(labels: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` bool: the sample has at least one target token after the causal shift, i.e.
+    ``per_sample_loss`` scores it. Pass it as ``GastEngine.step(eligible=...)``.
+
+    Example:
+        >>> has_target_tokens(torch.tensor([[5, 6, 7], [5, -100, -100]])).tolist()
+        [True, False]
+    """
+    return (labels[:, 1:] != -100).any(dim=1)

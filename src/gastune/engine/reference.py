@@ -8,18 +8,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gastune.engine.checkpointing import non_reentrant_checkpointing
 from gastune.engine.loss import per_sample_loss
 from gastune.engine.settings import GastSettings
 from gastune.models.blocks import find_decoder_blocks, trainable_by_block
-from gastune.selection.sampling import alignment_scores, choose_samples, layer_generator
+from gastune.selection.sampling import (
+    alignment_scores,
+    batch_support,
+    choose_samples,
+    layer_generator,
+    mask_ineligible,
+    support_is_usable,
+)
 
 
 def _grads(
     model: nn.Module, batch: dict[str, torch.Tensor], params: list[nn.Parameter]
 ) -> list[torch.Tensor]:
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    loss = per_sample_loss(out.logits, batch["labels"]).mean()
-    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    with non_reentrant_checkpointing(model):  # reentrant checkpointing hides params from .grad()
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss = per_sample_loss(out.logits, batch["labels"]).mean()
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
 
 
@@ -30,11 +39,12 @@ def reference_gast_gradients(
     support_batch: dict[str, torch.Tensor] | None,
     step_seed: int,
     groups: list[list[nn.Parameter]] | None = None,
+    eligible: torch.Tensor | None = None,
 ) -> dict[int, torch.Tensor]:
     """The GAST gradient of every trainable parameter, keyed by ``id(param)``.
 
     ``groups`` lists the selection groups in the engine's order (default: one per block).
-    Parameters outside blocks get the plain batch mean.
+    Parameters outside blocks get the plain batch mean. ``eligible`` is ``GastEngine.step``'s.
     """
     per_block, outside = trainable_by_block(model, find_decoder_blocks(model))
     groups = groups or [[p for _, p in named] for named in per_block if named]
@@ -47,7 +57,10 @@ def reference_gast_gradients(
             support = [g.mean(dim=0) for g in per_sample]
         else:
             support = _grads(model, support_batch, params)
-        scores = alignment_scores(per_sample, support, settings.score)
+            if not support_is_usable(support):  # zero or non-finite: the batch's own direction
+                support = batch_support(per_sample)
+        # a sample with no gradient (no target token) or not eligible is never selected
+        scores = mask_ineligible(alignment_scores(per_sample, support, settings.score), per_sample, eligible)
         chosen = choose_samples(
             scores,
             settings.k_for(n),
@@ -56,7 +69,7 @@ def reference_gast_gradients(
             layer_generator(step_seed, index),
         )
         for p, g in zip(params, per_sample):
-            result[id(p)] = g[chosen].mean(dim=0)
+            result[id(p)] = g[chosen].mean(dim=0) if len(chosen) else torch.zeros_like(p)
     outside_params = [p for _, p in outside]
     if outside_params:
         for p, g in zip(outside_params, _grads(model, batch, outside_params)):

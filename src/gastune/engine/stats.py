@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gastune.selection.sampling import standardize
+
 
 @dataclass
 class SelectionRecord:
@@ -14,10 +16,19 @@ class SelectionRecord:
     group: int
     chosen: list[int]
     scores: list[float]
+    # the support gradient was zero or non-finite, so the batch's own mean gradient was used
+    support_fallback: bool = False
 
     @classmethod
-    def from_scores(cls, group: int, scores: torch.Tensor, chosen: torch.Tensor) -> SelectionRecord:
-        return cls(group=group, chosen=chosen.tolist(), scores=scores.double().cpu().tolist())
+    def from_scores(
+        cls, group: int, scores: torch.Tensor, chosen: torch.Tensor, support_fallback: bool = False
+    ) -> SelectionRecord:
+        return cls(
+            group=group,
+            chosen=chosen.tolist(),
+            scores=scores.double().cpu().tolist(),
+            support_fallback=support_fallback,
+        )
 
 
 def selection_mask(records: list[SelectionRecord], batch_size: int, n_groups: int) -> torch.Tensor:
@@ -35,7 +46,9 @@ def summarize(records: list[SelectionRecord], batch_size: int, n_groups: int) ->
     - ``negative_pick_frac``: share of picks whose raw alignment with the support is < 0;
     - ``usage_cv``: coefficient of variation of how many groups each sample updated
       (0 = every sample used equally often across layers);
-    - ``unused_frac``: share of samples that updated no group at all.
+    - ``unused_frac``: share of samples that updated no group at all;
+    - ``support_fallback_frac``: share of groups whose support gradient was zero or
+      non-finite and that ranked by the batch's own mean gradient instead.
     """
     if not records:
         return {}
@@ -46,8 +59,7 @@ def summarize(records: list[SelectionRecord], batch_size: int, n_groups: int) ->
         if finite.sum() < 1:
             continue
         z = torch.zeros_like(s)
-        sf = s[finite]
-        z[finite] = (sf - sf.mean()) / (sf.std(unbiased=False) + 1e-12) if finite.sum() > 1 else 0.0
+        z[finite] = standardize(s[finite])  # the same scale-free z the selection used
         z_all.append(z[finite].mean().item())
         if r.chosen:
             z_chosen.append(z[r.chosen].mean().item())
@@ -61,4 +73,5 @@ def summarize(records: list[SelectionRecord], batch_size: int, n_groups: int) ->
         "negative_pick_frac": negative / max(picks, 1),
         "usage_cv": (usage.std(unbiased=False).item() / mean_usage) if mean_usage > 0 else 0.0,
         "unused_frac": (usage == 0).double().mean().item(),
+        "support_fallback_frac": sum(r.support_fallback for r in records) / len(records),
     }

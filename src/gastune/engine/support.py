@@ -7,8 +7,10 @@ import logging
 import torch
 from torch import nn
 
+from gastune.engine.checkpointing import non_reentrant_checkpointing
 from gastune.engine.live import parameters_in_use
 from gastune.engine.loss import per_sample_loss
+from gastune.errors import GastuneError
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,18 @@ def support_gradients(
     params = [p for block in block_parameters for p in block if p.requires_grad]
     if not params:
         return {}
+    # Reentrant checkpointing would hide the parameters from autograd.grad: see checkpointing.py.
+    with non_reentrant_checkpointing(model):
+        return _support_gradients(model, batch, block_parameters, blocks, params)
+
+
+def _support_gradients(
+    model: nn.Module,
+    batch: dict[str, torch.Tensor],
+    block_parameters: list[list[nn.Parameter]],
+    blocks: list[nn.Module] | None,
+    params: list[nn.Parameter],
+) -> dict[int, torch.Tensor]:
     with parameters_in_use(blocks or [], block_parameters) as in_use:
         losses = _support_losses(model, batch)
     # A support sample with a NaN/inf loss would make every block's support gradient NaN (and
@@ -55,6 +69,11 @@ def support_gradients(
             losses = _support_losses(model, batch)
     used = [in_use.get(id(p), p) for p in params]
     grads = torch.autograd.grad(losses.mean(), used, allow_unused=True)
+    if all(g is None for g in grads):
+        raise GastuneError(
+            "the support pass reached none of the adapter parameters (activation checkpointing that "
+            'hides them from autograd?); use gradient_checkpointing_kwargs {"use_reentrant": false}'
+        )
     return {id(p): (torch.zeros_like(u) if g is None else g.detach()) for p, u, g in zip(params, used, grads)}
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from gastune.engine import GastEngine
+from gastune.engine.checkpointing import non_reentrant_checkpointing
 from gastune.engine.live import parameters_in_use
 from gastune.engine.loss import per_sample_loss
 
@@ -80,7 +81,12 @@ class PerSampleGradients:
 
         params = [p for block in self.engine.block_parameters for p in block if p.requires_grad]
         blocks = self.engine.blocks.blocks
-        with self.engine.step(n, on_block=on_block), torch.enable_grad():
+        # non-reentrant: reentrant checkpointing would hide the adapters from autograd.grad
+        with (
+            self.engine.step(n, on_block=on_block),
+            torch.enable_grad(),
+            non_reentrant_checkpointing(self.model),
+        ):
             with context or nullcontext(), parameters_in_use(blocks, self.engine.block_parameters) as in_use:
                 out = self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
                 losses = per_sample_loss(out.logits, batch["labels"])

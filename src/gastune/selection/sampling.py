@@ -15,16 +15,29 @@ SELECTION_MODES: tuple[str, ...] = ("softmax", "random", "topk")
 
 
 def standardize(scores: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(a - mean) / (std + eps) over the batch; all-equal scores map to zeros.
+    """(a - mean) / (std + eps · max|a|) over the batch; all-equal scores map to zeros.
+
+    ``eps`` is relative to the scores' own scale, so the result does not depend on it:
+    alignment scores carry the loss's 1/N and 1/gradient-accumulation factors and the size of
+    the adapter weights, and an absolute ε would flatten small ones towards uniform.
+    ``standardize(c * a) == standardize(a)`` for every c > 0.
 
     Args:
         scores: ``(N,)`` alignment scores of one layer.
+
+    Example:
+        >>> a = torch.tensor([1.0, 2.0, 4.0])
+        >>> torch.allclose(standardize(a * 1e-12), standardize(a))
+        True
     """
     scores = scores.double()
     if scores.numel() < 2:
         return torch.zeros_like(scores)
     centred = scores - scores.mean()
-    return centred / (scores.std(unbiased=False) + eps)
+    denominator = scores.std(unbiased=False) + eps * scores.abs().max()
+    if denominator == 0:  # every score is 0
+        return torch.zeros_like(scores)
+    return centred / denominator
 
 
 def selection_probs(scores: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -115,6 +128,55 @@ def alignment_scores(
     if score == "dot":
         return dot
     return dot / (sq.sqrt() * support_sq.sqrt()).clamp_min(1e-30)
+
+
+def support_is_usable(support: list[torch.Tensor]) -> bool:
+    """Whether a group's support gradient can rank samples: finite and not all zero.
+
+    A zero support scores every sample 0 (a uniform draw that looks like a choice); a
+    non-finite one scores every sample NaN.
+    """
+    finite = all(bool(torch.isfinite(s).all()) for s in support)
+    return finite and any(bool(s.ne(0).any()) for s in support)
+
+
+def batch_support(per_sample: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The batch's own mean per-sample gradient over the samples whose gradient is finite
+    (the ``support=batch`` direction; zeros if no sample is finite).
+
+    Args:
+        per_sample: tensors of shape ``(N, *shape_j)``.
+    """
+    n = per_sample[0].shape[0]
+    finite = torch.ones(n, dtype=torch.bool, device=per_sample[0].device)
+    for g in per_sample:
+        finite &= torch.isfinite(g.reshape(n, -1)).all(dim=1)
+    if not finite.any():
+        return [torch.zeros_like(g[0]) for g in per_sample]
+    return [g[finite].mean(dim=0) for g in per_sample]
+
+
+def mask_ineligible(
+    scores: torch.Tensor, per_sample: list[torch.Tensor], eligible: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``scores`` with NaN (never chosen) for samples that must not be selected: those
+    ``eligible`` marks False, and those whose gradient is exactly zero in every tensor — a
+    sample with no target token has loss 0 and no gradient, and would take a slot while
+    adding nothing but a smaller mean.
+
+    Args:
+        scores: ``(N,)``; per_sample: tensors ``(N, *shape_j)``; eligible: ``(N,)`` bool or None.
+    """
+    n = scores.shape[0]
+    signal = torch.zeros(n, dtype=torch.bool, device=scores.device)
+    for g in per_sample:
+        # inf-norm: a reduction, no (N, numel) temporary; NaN rows stay "signal" (NaN scores)
+        norm = torch.linalg.vector_norm(g.reshape(n, -1).float(), ord=float("inf"), dim=1)
+        signal |= (norm != 0).to(signal.device)
+    keep = signal if eligible is None else signal & eligible.to(device=signal.device, dtype=torch.bool)
+    if bool(keep.all()):
+        return scores
+    return torch.where(keep, scores, torch.full_like(scores, float("nan")))
 
 
 def layer_seed(step_seed: int, layer: int) -> int:
