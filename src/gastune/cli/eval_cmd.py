@@ -44,6 +44,11 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--model", default="smollm2-135m", help="model name or folder (default: %(default)s)")
     parser.add_argument("--adapter", default=None, help="folder of a peft adapter to apply to the model")
+    parser.add_argument(
+        "--allow-base-mismatch",
+        action="store_true",
+        help="score the adapter on --model even if it records another base model",
+    )
     parser.add_argument("--split", default="validation", choices=("train", "validation", "test"))
     parser.add_argument(
         "--tasks",
@@ -105,12 +110,19 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def load_model_with_adapter(model_name: str, adapter: str | None, device: str):
-    """The model (with the adapter applied, when given) on ``device``, and its tokenizer."""
+def load_model_with_adapter(
+    model_name: str, adapter: str | None, device: str, allow_base_mismatch: bool = False
+):
+    """The model (with the adapter applied, when given) on ``device``, and its tokenizer.
+
+    The adapter folder is checked first (weights present and finite, the right base model;
+    ``gastune.eval.adapter_checks``), so a bad one fails before the model loads.
+    """
+    from gastune.eval.adapter_checks import check_adapter
     from gastune.models.loading import load_model, load_tokenizer
 
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise GastuneError(f"'{adapter}' is not a peft adapter folder (no adapter_config.json)")
+    if adapter is not None:
+        check_adapter(adapter, model_name, allow_base_mismatch)
     tokenizer = load_tokenizer(model_name)
     model = load_model(model_name)
     if adapter is not None:
@@ -237,11 +249,14 @@ def run(args: argparse.Namespace) -> int:
         results_document,
         write_json,
     )
+    from gastune.provenance import check_writable_file
 
     _check(args)
     _resolve_scoring(args)
-    # Read the comparison file first, so that a wrong path fails before minutes of scoring.
+    # Read the comparison file and check --out first, so that they fail before minutes of scoring.
     before = read_results(args.compare) if args.compare else None
+    if args.out:
+        check_writable_file(args.out, "--out")
     if args.threads is not None:
         if args.threads < 1:
             raise GastuneError(f"--threads must be >= 1, got {args.threads}")
@@ -249,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
         # for each other at every matrix product lose their turn to other processes.
         torch.set_num_threads(args.threads)
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_model_with_adapter(args.model, args.adapter, device)
+    model, tokenizer = load_model_with_adapter(args.model, args.adapter, device, args.allow_base_mismatch)
     start = time.perf_counter()
     result, n_questions, settings, nll = _evaluate(args, model, tokenizer)
     seconds = time.perf_counter() - start

@@ -25,6 +25,7 @@ then differ in more than their last tokens, and run as suffixes on the shared pr
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -250,6 +251,17 @@ def _check_record(i: int, record: dict) -> tuple[str, ...]:
     return labels
 
 
+def _check_finite(scored: list[list[list[float]]]) -> None:
+    """NaN log-probabilities (broken weights) would make the first label win every question
+    and look like a real accuracy: refuse to score instead."""
+    bad = [i for i, cands in enumerate(scored) if not all(math.isfinite(x) for lp in cands for x in lp)]
+    if bad:
+        raise GastuneError(
+            f"the model gave non-finite log-probabilities for {len(bad)} of {len(scored)} questions "
+            f"(first: record {bad[0]}): its weights are broken (NaN/inf), so no accuracy can be given"
+        )
+
+
 def evaluate_commonsense(
     model,
     tokenizer,
@@ -285,6 +297,7 @@ def evaluate_commonsense(
     ]
     logger.info("scoring %d records, %d candidates", len(items), sum(len(c) for _, c in items))
     scored = score_candidates(model, tokenizer, items, batch_size=batch_size, progress=progress)
+    _check_finite(scored)
     predictions = []
     for i, (record, labels, token_logps) in enumerate(zip(records, label_sets, scored)):
         sums = tuple(sum(lp) for lp in token_logps)

@@ -45,9 +45,14 @@ def _default_gguf() -> Path:
     return path
 
 
+def default_model_target() -> Path:
+    """Where the converted default model lives (it may not be converted yet)."""
+    return cache_dir() / "SmolLM2-135M-Instruct"
+
+
 def default_model_dir() -> Path:
     """Path of the converted default model, converting it from GGUF on first use."""
-    target = cache_dir() / "SmolLM2-135M-Instruct"
+    target = default_model_target()
     if _is_converted(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
