@@ -17,6 +17,8 @@ import torch
 
 from gastune.engine import GastEngine, GastSettings, has_target_tokens, per_sample_loss, support_gradients
 from gastune.engine.reference import reference_gast_gradients
+from gastune.engine.stats import summarize
+from gastune.errors import GastuneError
 from gastune.selection.sampling import selection_probs, standardize
 from tests.conftest import make_batch
 from tests.unit.test_engine import adapted, assert_matches_reference
@@ -55,6 +57,13 @@ def test_engine_equals_reference_under_reentrant_checkpointing(tuner):
     assert all(len(set(r.scores)) > 1 for r in records)  # real scores, not all equal
 
 
+def test_a_support_pass_that_reaches_no_adapter_is_an_error():
+    model = adapted("llama", "lora")
+    stray = torch.nn.Parameter(torch.zeros(3))  # not used by the model: autograd never reaches it
+    with pytest.raises(GastuneError, match="reached none of the adapter parameters"):
+        support_gradients(model, make_batch(n=2, seed=9), [[stray]])
+
+
 # ---------------------------------------------------------------- unusable support gradients
 def _run(model, support, batch, settings=None, seed=5, eligible=None, scale=1.0):
     engine = GastEngine(model, settings or GastSettings(k=3)).attach()
@@ -79,6 +88,7 @@ def test_unusable_support_falls_back_to_the_batch_direction_counted_and_logged(b
     n_groups = len(fallback.groups)
     assert fallback.support_fallbacks == n_groups
     assert all(r.support_fallback for r in fallback.records)
+    assert summarize(fallback.records, 6, n_groups)["support_fallback_frac"] == 1.0  # gast/… in the logs
     assert any("zero or non-finite support gradient" in r.message for r in caplog.records)
     for key, g in grads.items():
         assert torch.equal(g, batch_grads[key])
