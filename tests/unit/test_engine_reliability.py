@@ -200,3 +200,20 @@ def test_per_sample_scoring_is_exact_under_reentrant_checkpointing():
     assert got.sq_norms.min() > 0
     assert torch.allclose(got.sq_norms, expected.sq_norms, rtol=1e-5)
     assert torch.allclose(got.gram, expected.gram, rtol=1e-5, atol=1e-12)
+
+
+def test_a_nan_sample_does_not_spoil_the_batch_support():
+    """support=batch: the batch mean is taken over finite samples, so one NaN sample does not
+    make every score NaN (which used to select nothing and deliver a zero gradient)."""
+    model = adapted("llama", "lora")
+    batch = make_batch(n=6)
+    engine = GastEngine(model, GastSettings(k=5)).attach()
+    model.zero_grad(set_to_none=True)
+    with engine.step(6, None, 3):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        losses = per_sample_loss(out.logits, batch["labels"])
+        (losses * torch.tensor([1, 1, float("nan"), 1, 1, 1])).mean().backward()
+    assert all(r.chosen == [0, 1, 3, 4, 5] for r in engine.records)
+    engine.detach()
+    block_grads = [p.grad for p in engine.block_parameters[0]]
+    assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in block_grads)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 
 import pytest
 import torch
@@ -196,21 +197,20 @@ def test_a_nan_gradient_with_a_finite_loss_is_never_selected():
 
 
 # ------------------------------------------------------------ samples with no target token
-def test_samples_without_targets_would_be_drawn_by_the_engine():
-    """Why the trainer removes them: their gradient is exactly zero, so their score is 0 —
-    a middling score that softmax sampling draws ahead of negatively aligned real samples."""
+def test_samples_without_targets_are_never_drawn_by_the_engine():
+    """Their gradient is exactly zero (score 0, a middling score that softmax sampling would
+    draw ahead of negatively aligned real samples): the engine itself never selects them,
+    even when it is used without the trainer, which also drops them before the step."""
     model = model_with_head(poison=False)
     batch = stack_rows(rows(n=6, no_target=(4,)))
     engine = GastEngine(model, GastSettings(k=3)).attach()
-    drawn = 0
     for seed in range(10):
         with engine.step(6, None, seed):
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             per_sample_loss(out.logits, batch["labels"]).mean().backward()
-        assert all(r.scores[4] == 0.0 for r in engine.records)
-        drawn += sum(4 in r.chosen for r in engine.records)
+        assert all(math.isnan(r.scores[4]) for r in engine.records)
+        assert all(4 not in r.chosen and len(r.chosen) == 3 for r in engine.records)
     engine.detach()
-    assert drawn > 0
 
 
 def test_samples_without_targets_are_skipped_by_the_trainer(caplog):
@@ -258,20 +258,20 @@ def engine_step(model, batch, k, support_batch=None, seed=3):
     return grads, records
 
 
-def test_zero_support_gradient_gives_all_equal_scores_and_a_uniform_draw():
+def test_zero_support_gradient_falls_back_to_the_batch_direction_not_a_uniform_draw():
     model = model_with_head(poison=False)
     support = make_batch(n=2, seed=9)
     support["labels"][:] = -100  # no target: the support gradient is exactly zero
     batch = make_batch(n=6, seed=1)
     grads, records = engine_step(model, batch, k=3, support_batch=support)
-    assert all(r.scores == [0.0] * 6 and len(r.chosen) == 3 for r in records)
+    assert all(r.support_fallback and len(r.chosen) == 3 for r in records)
+    assert all(len(set(r.scores)) > 1 for r in records)  # a real ranking, not all-equal scores
     assert all(torch.isfinite(g).all() for g in grads.values())
-    # All-equal standardised scores are zeros: softmax is uniform, every sample as likely.
-    counts = torch.zeros(6)
-    for seed in range(60):
-        for r in engine_step(model, batch, k=3, support_batch=support, seed=seed)[1]:
-            counts[r.chosen] += 1
-    assert counts.min() > 0.6 * counts.mean(), counts
+    # exactly what support=batch (the batch's own mean gradient) chooses and delivers
+    batch_grads, batch_records = engine_step(model, batch, k=3)
+    assert [r.chosen for r in records] == [r.chosen for r in batch_records]
+    for name, g in grads.items():
+        assert torch.equal(g, batch_grads[name])
 
 
 def test_a_single_sample_batch_with_k_1_is_its_own_gradient():

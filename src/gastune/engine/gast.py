@@ -312,8 +312,8 @@ class GastEngine:
             live = [params[j] for j in group.positions]
             per_sample = [capture.get(p) for p in live]
             fallback = False
-            if self._support is None:
-                support = [g.mean(dim=0) for g in per_sample]
+            if self._support is None:  # the batch's own direction; a NaN sample must not spoil it
+                support = batch_support(per_sample)
             else:
                 # keyed by the attached parameters; a frozen parameter of a partly frozen block
                 # has no support gradient

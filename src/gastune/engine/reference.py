@@ -54,7 +54,7 @@ def reference_gast_gradients(
     for index, params in enumerate(groups):
         per_sample = [torch.stack(tensors) for tensors in zip(*[_grads(model, row, params) for row in rows])]
         if support_batch is None:
-            support = [g.mean(dim=0) for g in per_sample]
+            support = batch_support(per_sample)
         else:
             support = _grads(model, support_batch, params)
             if not support_is_usable(support):  # zero or non-finite: the batch's own direction

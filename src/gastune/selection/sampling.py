@@ -151,6 +151,8 @@ def batch_support(per_sample: list[torch.Tensor]) -> list[torch.Tensor]:
     finite = torch.ones(n, dtype=torch.bool, device=per_sample[0].device)
     for g in per_sample:
         finite &= torch.isfinite(g.reshape(n, -1)).all(dim=1)
+    if bool(finite.all()):  # the usual case: no (N, ...) copy
+        return [g.mean(dim=0) for g in per_sample]
     if not finite.any():
         return [torch.zeros_like(g[0]) for g in per_sample]
     return [g[finite].mean(dim=0) for g in per_sample]
