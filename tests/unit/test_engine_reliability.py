@@ -217,3 +217,31 @@ def test_a_nan_sample_does_not_spoil_the_batch_support():
     engine.detach()
     block_grads = [p.grad for p in engine.block_parameters[0]]
     assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in block_grads)
+
+
+def test_trainer_gast_step_is_unchanged_by_reentrant_checkpointing(tmp_path, monkeypatch):
+    """Through the Trainer (gradient_checkpointing=True, use_reentrant=True): the same update as
+    without checkpointing, and no support fallback was needed."""
+    import copy
+
+    from gastune.training import GastuneTrainer
+    from tests.helpers import lora_model, row_dataset, sgd_config, trainable
+
+    monkeypatch.chdir(tmp_path)
+    base = lora_model()
+    after, fallbacks = [], []
+    for extra in (
+        {},
+        {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": True}},
+    ):
+        model = copy.deepcopy(base)
+        args = sgd_config(method="gast", gast_k=2, gast_support="train", gast_support_size=3, **extra)
+        trainer = GastuneTrainer(model=model, args=args, train_dataset=row_dataset(), data_collator=None)
+        trainer.train()
+        after.append(trainable(model))
+        fallbacks.append(trainer.method.engine.support_fallbacks)
+    assert fallbacks == [0, 0]
+    assert after[0].keys() == after[1].keys()
+    for name, value in after[0].items():
+        assert torch.allclose(after[1][name], value, rtol=1e-5, atol=1e-7), name
+    assert any(not torch.equal(v, p) for (n, v), p in zip(after[0].items(), trainable(base).values()))
