@@ -56,19 +56,36 @@ def test_adapter_with_non_finite_weights_is_refused(
     assert not out.exists()
 
 
-def test_non_finite_log_probabilities_are_refused_not_scored(model_dir, calls, tmp_path, capsys):
-    """A broken base model (no adapter to blame): NaN scores must not become an accuracy."""
+@pytest.mark.parametrize("protocol", ["loglik", "generate"])
+def test_base_model_with_non_finite_weights_is_refused(model_dir, calls, tmp_path, capsys, protocol):
+    """A broken base model (no adapter to blame): NaN logits must not become an accuracy."""
     broken = tmp_path / "broken"
     shutil.copytree(model_dir, broken)
     model = LlamaForCausalLM.from_pretrained(broken)
     with torch.no_grad():
-        model.model.layers[0].mlp.down_proj.weight.fill_(float("nan"))
+        model.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
     model.save_pretrained(broken)
     out = tmp_path / "eval.json"
-    code, err = cli(eval_argv(broken, "--out", str(out)), capsys)
+    code, err = cli(eval_argv(broken, "--out", str(out), "--protocol", protocol), capsys)
     assert code == 2
-    assert_one_error_line(err, "non-finite log-probabilities for 2 of 2 questions")
+    assert_one_error_line(err, "has non-finite weights in 1 tensor(s)", "layers.0.mlp.down_proj.weight")
     assert not out.exists()
+
+
+def test_non_finite_log_probabilities_are_refused_not_scored(model_dir):
+    """Finite weights can still give NaN scores (an overflow, a broken kernel): refused too."""
+    from gastune.errors import GastuneError
+    from gastune.eval import evaluate_commonsense
+    from gastune.models.loading import load_tokenizer
+
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    model.lm_head.register_forward_hook(lambda module, args, out: out * float("nan"))
+    records = [
+        {"instruction": f"boolq question {i}", "input": "", "answer": "true", "task": "boolq"}
+        for i in range(3)
+    ]
+    with pytest.raises(GastuneError, match="non-finite log-probabilities for 3 of 3 questions"):
+        evaluate_commonsense(model, load_tokenizer(str(model_dir)), records, progress=False)
 
 
 def test_adapter_folder_without_weights_never_reaches_a_hub(

@@ -118,7 +118,7 @@ def load_model_with_adapter(
     The adapter folder is checked first (weights present and finite, the right base model;
     ``gastune.eval.adapter_checks``), so a bad one fails before the model loads.
     """
-    from gastune.eval.adapter_checks import check_adapter
+    from gastune.eval.adapter_checks import check_adapter, check_finite_parameters
     from gastune.models.loading import load_model, load_tokenizer
 
     if adapter is not None:
@@ -129,6 +129,7 @@ def load_model_with_adapter(
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
+    check_finite_parameters(model, model_name)
     return model.to(device).eval(), tokenizer
 
 

@@ -7,7 +7,8 @@
 - The base model must be the one the adapter was trained on (``adapter_config.json``'s
   ``base_model_name_or_path`` and ``gastune_config.json``'s model), unless the user says so.
 
-Each check is a one-line ``GastuneError``, raised before the base model is loaded.
+Each check is a one-line ``GastuneError``, raised before the base model is loaded;
+``check_finite_parameters`` then checks the loaded model itself before any scoring.
 """
 
 from __future__ import annotations
@@ -122,3 +123,16 @@ def check_base_model(folder: Path, model: str, allow_mismatch: bool = False) -> 
         f"the adapter {folder} was trained on '{recorded[0]}', but --model is '{model}'; "
         f"use --model {recorded[0]}, or --allow-base-mismatch to score it on '{model}' anyway"
     )
+
+
+def check_finite_parameters(model: torch.nn.Module, name: str) -> None:
+    """Every parameter of the loaded model (base and adapter) is finite: a broken checkpoint
+    would otherwise be scored (every protocol: NaN logits still pick some label or token)."""
+    bad = [
+        n for n, p in model.named_parameters() if p.is_floating_point() and not bool(torch.isfinite(p).all())
+    ]
+    if bad:
+        raise GastuneError(
+            f"the model '{name}' has non-finite weights in {len(bad)} tensor(s) (e.g. {bad[0]}): "
+            "there is nothing honest to score"
+        )
