@@ -10,7 +10,6 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -87,40 +86,4 @@ def write_json(path: str | Path, document: dict[str, Any]) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
-
-
-# A results file with per-question predictions is a few MB at most; demand some slack.
-MIN_FREE_BYTES = 64 * 2**20
-
-
-def check_writable_file(path: str | Path, what: str = "output", min_free: int = MIN_FREE_BYTES) -> Path:
-    """Fail now, in one line, if ``write_json(path, ...)`` could not succeed later.
-
-    Call it before hours of work whose result goes to ``path``: the folder is created if
-    missing, a probe file is written and removed there (permission bits alone mislead, e.g.
-    for root or on read-only mounts), and the disk must have ``min_free`` bytes free.
-
-    Example:
-        >>> check_writable_file("runs/x/eval.json", "--out")  # doctest: +SKIP
-    """
-    from gastune.errors import GastuneError
-
-    path = Path(path)
-    if path.is_dir():
-        raise GastuneError(f"{what} '{path}' is a folder; give a file name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".probe")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise GastuneError(f"{what} '{path}' cannot be written ({reason}); nothing was run") from None
-    free = shutil.disk_usage(path.parent).free
-    if free < min_free:
-        raise GastuneError(
-            f"{what} '{path}': only {free / 2**20:.1f} MiB free on its disk "
-            f"(need {min_free / 2**20:.0f} MiB); nothing was run"
-        )
     return path

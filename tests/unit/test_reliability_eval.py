@@ -157,7 +157,7 @@ def test_unwritable_out_fails_before_the_model_loads(model_dir, tmp_path, capsys
     blocker.write_text("not a folder")
     code, err = cli(eval_argv(model_dir, "--out", str(blocker / "eval.json")), capsys)
     assert code == 2
-    assert_one_error_line(err, "--out", "cannot be written", "nothing was run")
+    assert_one_error_line(err, "--out", f"{blocker} is a file, not a folder")
 
 
 def test_out_that_is_a_folder_fails_before_the_model_loads(model_dir, tmp_path, capsys, no_model_load):
@@ -172,5 +172,5 @@ def test_full_disk_fails_before_the_model_loads(model_dir, tmp_path, capsys, no_
     out = tmp_path / "sub" / "eval.json"
     code, err = cli(eval_argv(model_dir, "--out", str(out)), capsys)
     assert code == 2
-    assert_one_error_line(err, "MiB free on its disk", "nothing was run")
+    assert_one_error_line(err, "--out", "MiB free on its disk", "needed for the results")
     assert not out.exists()

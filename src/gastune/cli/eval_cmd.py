@@ -250,14 +250,17 @@ def run(args: argparse.Namespace) -> int:
         results_document,
         write_json,
     )
-    from gastune.provenance import check_writable_file
+    from gastune.training.output_dir import check_writable
 
     _check(args)
     _resolve_scoring(args)
     # Read the comparison file and check --out first, so that they fail before minutes of scoring.
     before = read_results(args.compare) if args.compare else None
     if args.out:
-        check_writable_file(args.out, "--out")
+        if Path(args.out).is_dir():
+            raise GastuneError(f"--out {args.out} is a folder; give a file name")
+        # a results file with per-question predictions is a few MB: demand 64 MiB free
+        check_writable(Path(args.out).parent, 64 * 2**20, what="--out", needed_for="the results")
     if args.threads is not None:
         if args.threads < 1:
             raise GastuneError(f"--threads must be >= 1, got {args.threads}")

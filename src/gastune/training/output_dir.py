@@ -47,25 +47,31 @@ def run_artifacts(folder: Path) -> list[Path]:
     return found
 
 
-def check_writable(folder: Path, min_free: int = MIN_FREE_BYTES) -> None:
+def check_writable(
+    folder: Path,
+    min_free: int = MIN_FREE_BYTES,
+    what: str = "output_dir",
+    needed_for: str = "checkpoints and the adapter",
+) -> None:
     """Fail unless ``folder`` (or, if it does not exist yet, its nearest existing parent) takes
-    a new file and has ``min_free`` bytes free. Creates nothing that stays."""
+    a new file and has ``min_free`` bytes free. Creates nothing that stays. ``what`` names the
+    option in the message (``gastune eval`` checks its ``--out`` folder with it too)."""
     existing = folder
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir():
-        raise GastuneError(f"output_dir {folder}: {existing} is a file, not a folder")
+        raise GastuneError(f"{what} {folder}: {existing} is a file, not a folder")
     try:
         handle, probe = tempfile.mkstemp(prefix=".gastune-write-test-", dir=existing)
         os.close(handle)
         os.unlink(probe)
     except OSError as exc:
-        raise GastuneError(f"output_dir {folder} is not writable ({exc.strerror or exc})") from exc
+        raise GastuneError(f"{what} {folder} is not writable ({exc.strerror or exc})") from exc
     free = shutil.disk_usage(existing).free
     if free < min_free:
         raise GastuneError(
-            f"output_dir {folder}: only {free / 2**20:.0f} MiB free on its disk, "
-            f"at least {min_free / 2**20:.0f} MiB needed for checkpoints and the adapter"
+            f"{what} {folder}: only {free / 2**20:.0f} MiB free on its disk, "
+            f"at least {min_free / 2**20:.0f} MiB needed for {needed_for}"
         )
 
 
