@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from gastune.engine.loss import has_target_tokens
 from gastune.engine.stats import SelectionRecord
 
 logger = logging.getLogger(__name__)
@@ -65,10 +66,9 @@ class NonFiniteLoss(Exception):
         return (ids[:, None, :] == bad[None, :, :]).all(dim=2).any(dim=1)
 
 
-def has_targets(labels: torch.Tensor) -> torch.Tensor:
-    """``(N,)`` bool: the sample has at least one target token after the causal shift
-    (``per_sample_loss`` predicts ``labels[:, 1:]``)."""
-    return (labels[:, 1:] != -100).any(dim=1)
+# ``(N,)`` bool: the sample has at least one target token after the causal shift (the engine's
+# ``eligible`` test, kept under this name for the trainer side)
+has_targets = has_target_tokens
 
 
 def take_rows(inputs: dict[str, Any], keep: torch.Tensor) -> dict[str, Any]:
