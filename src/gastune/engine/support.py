@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from gastune.engine.checkpointing import non_reentrant_checkpointing
+from gastune.engine.fused_loss import model_per_sample_loss
 from gastune.engine.live import parameters_in_use
-from gastune.engine.loss import per_sample_loss
 from gastune.errors import GastuneError
 
 logger = logging.getLogger(__name__)
@@ -78,5 +78,5 @@ def _support_gradients(
 
 
 def _support_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    outputs = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
-    return per_sample_loss(outputs.logits, batch["labels"])
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
+    return model_per_sample_loss(model, inputs, batch["labels"])[0]

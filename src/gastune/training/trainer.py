@@ -31,6 +31,7 @@ from transformers import Trainer, TrainerState
 from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 
+from gastune.engine.fused_loss import model_per_sample_loss
 from gastune.engine.loss import per_sample_loss
 from gastune.errors import GastuneError, TrainingFailed
 from gastune.methods import TrainingMethod, build_method
@@ -69,8 +70,13 @@ class GastuneMixin:
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs["labels"]
         model_inputs = {k: v for k, v in inputs.items() if k not in NON_MODEL_KEYS}
-        outputs = model(**model_inputs)
-        losses = per_sample_loss(outputs.logits, labels)  # (N,)
+        if return_outputs:  # the caller wants the logits (evaluation with predictions)
+            outputs = model(**model_inputs)
+            losses = per_sample_loss(outputs.logits, labels)  # (N,)
+        else:  # fused with the output projection when possible: the batch's logits never exist
+            losses, outputs = model_per_sample_loss(
+                model, model_inputs, labels, unwrapped=self.accelerator.unwrap_model(model)
+            )
         if self.sample_guard.active:
             finite = torch.isfinite(losses.detach())
             if not finite.all():  # before any backward: training_step re-runs without these rows
