@@ -1,16 +1,21 @@
-"""Step time and peak memory of each method, as ratios to dense LoRA, measured side by side.
+"""Step time and peak memory of each method, as ratios to the peer and to gastune LoRA, side by side.
 
-Every method trains through the same entry point (``GastuneTrainer``) on the same batches;
-each (method, round) runs in a fresh subprocess so its peak memory is its own, and rounds
-alternate methods (A B A B …) so machine noise hits all methods alike.
+The peer is what a user runs today: plain ``transformers.Trainer`` + peft LoRA, trained on the
+model's own loss (``peer``). Every gastune method trains through ``GastuneTrainer`` on the same
+batches. Each (variant, round) runs in a fresh subprocess so its peak memory is its own, and
+rounds alternate variants (A B C C B A …) so machine noise hits all of them alike.
 
-Run (CPU, embedded model, the issue's setting — about 15 min on 2 cores):
-    python benchmarks/step_cost.py --methods lora,gast --batch 16 --seq 256 \
-        --out docs/results/step_cost_cpu.json --readme
-GPU, randomly initialised LLaMA-7B shape in bf16:
+Variants: ``peer``, any registered method (``lora``, ``gast``, ``ist``, ``rst`` …; docs/methods.md),
+``gast-batch`` (GAST with ``--gast_support batch``) and ``gast-twopass`` (GAST with the support
+rows in a separate forward/backward instead of riding in the batch's).
+
+Run (CPU, embedded model, the issue's setting):
+    python benchmarks/step_cost.py --methods peer,lora,gast,gast-batch,ist,rst --batch 16 --seq 256 \
+        --steps 3 --out docs/results/step_cost_cpu.json --readme
+GPU, randomly initialised LLaMA-7B shape in bf16 (benchmarks/gpu_check.sh):
     python benchmarks/step_cost.py --device cuda --shape llama-7b --bf16 --out docs/results/step_cost_gpu.json
-Baselines (any registered method; docs/methods.md):
-    python benchmarks/step_cost.py --methods lora,ist,rst,lisa,fisher,gast,gast+ist,maxloss,random-half,gradnorm,greats
+Re-render the README table from a results JSON (e.g. after a re-run elsewhere):
+    python benchmarks/step_cost.py --render docs/results/step_cost_cpu.json --readme
 Fisher scores its layers during the warm-up step; IST's probe runs every 10 steps (ist_interval),
 so a run of fewer steps times IST without it (three gradient-free forwards of 16 rows per 10 steps).
 """
@@ -36,6 +41,13 @@ SHAPES = {
     "llama-7b": (4096, 11008, 32, 32, 32, 32000),
     "llama-1b": (2048, 5504, 16, 16, 16, 32000),
     "tiny": (64, 128, 4, 4, 2, 1000),
+}
+
+
+# variant name -> (gastune method, extra GastuneConfig fields); "peer" is plain Trainer + peft.
+VARIANTS = {
+    "gast-batch": ("gast", {"gast_support": "batch"}),
+    "gast-twopass": ("gast", {"gast_support_pass": "two"}),
 }
 
 
@@ -82,7 +94,8 @@ def worker(args) -> dict:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, vocab = build_model(args)
-    tuner = "dora" if args.method == "dora" else args.tuner  # --method dora is dense DoRA
+    method, extra = VARIANTS.get(args.method, (args.method, {}))
+    tuner = "dora" if method == "dora" else args.tuner  # --method dora is dense DoRA
     model = apply_adapter(model, tuner=tuner, r=args.rank, alpha=2 * args.rank, dropout=0.05)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -109,9 +122,8 @@ def worker(args) -> dict:
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - self.t0)
 
-    config = GastuneConfig(
+    common = dict(
         output_dir=str(ROOT / "runs" / "bench"),
-        method=args.method,
         per_device_train_batch_size=args.batch,
         max_steps=steps,
         learning_rate=1e-4,
@@ -122,14 +134,19 @@ def worker(args) -> dict:
         disable_tqdm=True,
         use_cpu=args.device == "cpu",
         bf16=args.bf16,
-        gast_k=args.k,
-        gast_support_size=args.k_sup,
         seed=0,
         dataloader_drop_last=True,
         gradient_checkpointing=args.checkpointing,
     )
+    if method == "peer":  # what users run today: the plain Trainer on the model's own loss
+        from transformers import Trainer, TrainingArguments
+
+        trainer_cls, config = Trainer, TrainingArguments(**common)
+    else:
+        trainer_cls = GastuneTrainer
+        config = GastuneConfig(**common, method=method, gast_k=args.k, gast_support_size=args.k_sup, **extra)
     baseline_rss = rss_bytes()
-    trainer = GastuneTrainer(
+    trainer = trainer_cls(
         model=model, args=config, train_dataset=data, data_collator=collate, callbacks=[StepTimer()]
     )
     trainer.train()
@@ -149,8 +166,9 @@ def worker(args) -> dict:
 def parent(args) -> None:
     origin = provenance(args.device)  # before any worker runs: the code being measured
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if "lora" not in methods:
-        methods.insert(0, "lora")  # the reference every ratio is taken against
+    for reference in ("lora", "peer"):  # the references every ratio is taken against
+        if reference not in methods:
+            methods.insert(0, reference)
     runs: dict[str, list[dict]] = {m: [] for m in methods}
     for round_index in range(args.rounds):
         order = methods if round_index % 2 == 0 else list(reversed(methods))
@@ -183,15 +201,19 @@ def parent(args) -> None:
             if args.device == "cpu"
             else None,
         }
-    ref = summary["lora"]
-    for s in summary.values():
-        s["time_ratio"] = s["median_step_s"] / ref["median_step_s"]
-        s["memory_ratio"] = s["peak_memory_bytes"] / ref["peak_memory_bytes"]
-        if s["peak_increase_bytes"] is not None:
-            s["memory_increase_ratio"] = s["peak_increase_bytes"] / ref["peak_increase_bytes"]
+    for name, suffix in (("lora", ""), ("peer", "_vs_peer")):
+        ref = summary[name]
+        for s in summary.values():
+            s[f"time_ratio{suffix}"] = s["median_step_s"] / ref["median_step_s"]
+            s[f"memory_ratio{suffix}"] = s["peak_memory_bytes"] / ref["peak_memory_bytes"]
+            if s["peak_increase_bytes"] is not None:
+                s[f"memory_increase_ratio{suffix}"] = s["peak_increase_bytes"] / ref["peak_increase_bytes"]
     report = {
         "benchmark": "step_cost",
-        "settings": {k: v for k, v in vars(args).items() if k not in ("worker", "method", "readme")},
+        "settings": {
+            k: v for k, v in vars(args).items() if k not in ("worker", "method", "readme", "render", "note")
+        },
+        "note": args.note,
         "memory_metric": memory_key,
         "summary": summary,
         "runs": runs,
@@ -199,10 +221,22 @@ def parent(args) -> None:
     }
     report["output"] = args.out
     write_json(args.out, report)
+    publish(report, args)
+
+
+def publish(report: dict, args) -> None:
     table = render_table(report)
     print(table)
     if args.readme:
-        update_readme_block(ROOT / "README.md", args.readme_block or f"step_cost_{args.device}", table)
+        block = args.readme_block or report["settings"].get("readme_block") or f"step_cost_{args.device}"
+        update_readme_block(ROOT / "README.md", block, table)
+
+
+LABELS = {
+    "peer": "peer: `transformers.Trainer` + peft LoRA, model's own loss",
+    "gast-batch": "gastune gast, `--gast_support batch`",
+    "gast-twopass": "gastune gast, `--gast_support_pass two`",
+}
 
 
 def render_table(report: dict) -> str:
@@ -223,22 +257,26 @@ def render_table(report: dict) -> str:
         f"{s['rounds']} interleaved rounds × {s['steps']} steps; {report['date'][:10]}, commit {(report['git']['commit'] or 'unknown')[:8]}"
         + (" (dirty)" if report["git"]["dirty"] else ""),
         "",
-        "| method | median step (s) | time vs LoRA | peak memory (GiB) | memory vs LoRA |",
-        "|---|---|---|---|---|",
+        "| variant | median step (s) | time vs peer | time vs LoRA | peak memory (GiB) "
+        "| memory vs peer | memory vs LoRA |",
+        "|---|---|---|---|---|---|---|",
     ]
     for method, r in report["summary"].items():
+        name = LABELS.get(method, f"gastune {method}")
         lines.append(
-            f"| {method} | {r['median_step_s']:.2f} | ×{r['time_ratio']:.2f} | "
-            f"{r['peak_memory_bytes'] / 2**30:.2f} | ×{r['memory_ratio']:.2f} |"
+            f"| {name} | {r['median_step_s']:.2f} | ×{r['time_ratio_vs_peer']:.2f} | ×{r['time_ratio']:.2f} "
+            f"| {r['peak_memory_bytes'] / 2**30:.2f} | ×{r['memory_ratio_vs_peer']:.2f} | ×{r['memory_ratio']:.2f} |"
         )
     lines.append("")
+    if report.get("note"):
+        lines += [report["note"], ""]
     lines.append(f"Source: `{report['command']}` → `{report['output']}`")
     return "\n".join(lines)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--methods", default="lora,gast")
+    p.add_argument("--methods", default="peer,lora,gast")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--shape", choices=sorted(SHAPES), default=None, help="random-weight LLaMA shape instead")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
@@ -264,11 +302,16 @@ def main() -> None:
     p.add_argument("--out", default="docs/results/step_cost.json")
     p.add_argument("--readme", action="store_true", help="update the README's table from this run")
     p.add_argument("--readme-block", default=None, help="README block name (default step_cost_<device>)")
+    p.add_argument("--note", default=None, help="a sentence printed under the table (e.g. machine load)")
+    p.add_argument("--render", default=None, help="re-render the table from this results JSON; runs nothing")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
+    elif args.render:
+        args.device = json.loads(Path(args.render).read_text())["settings"]["device"]
+        publish(json.loads(Path(args.render).read_text()), args)
     else:
         parent(args)
 

@@ -31,6 +31,7 @@ from gastune.engine.live import live_parameters, names_in_block
 from gastune.engine.persample_linear import per_sample_linear_forward
 from gastune.engine.settings import GastSettings
 from gastune.engine.stats import SelectionRecord
+from gastune.engine.support import support_sum
 from gastune.errors import GastuneError
 from gastune.models.blocks import BlockList, find_decoder_blocks, trainable_by_block
 from gastune.selection.sampling import (
@@ -100,6 +101,7 @@ class GastEngine:
         self._patched: list[tuple[nn.Module, object]] = []
         self._captures: dict[int, BlockCapture] = {}
         self._support: dict[int, torch.Tensor] | None = None
+        self._support_rows = 0
         self._step_seed = 0
         self._armed = False
         self._k = 1
@@ -227,6 +229,7 @@ class GastEngine:
         full_batch_size: int | None = None,
         on_block: Callable[[int, list[torch.Tensor]], None] | None = None,
         eligible: torch.Tensor | None = None,
+        support_rows: int = 0,
     ) -> Iterator[None]:
         """Arm the engine for one forward + backward over a micro-batch of ``batch_size``.
 
@@ -253,12 +256,21 @@ class GastEngine:
         a non-finite loss) ranks its samples by the batch's own mean gradient instead: the
         fallback is counted in ``support_fallbacks``, flagged in the step's ``records`` and
         logged as a warning, never a silent uniform draw.
+            support_rows: one-pass support (``support`` must be ``None``): the forward runs
+                ``batch_size + support_rows`` rows, the support rows last; at each gate the
+                sum of their per-sample gradients is the support gradient (scaled by the
+                loss's weight on them: use the mean over support rows, ``support.py``'s
+                ``one_pass_loss``), the training rows are selected against it, and only
+                training rows enter the update.
         """
         if not self._patched:
             raise RuntimeError("GastEngine.step() before attach()")
         self._k = self.settings.k_for(batch_size, full_batch_size)  # validates k
+        if support_rows and support is not None:
+            raise ValueError("one-pass support rows and a precomputed support gradient are exclusive")
+        self._support_rows = support_rows
         self._captures = {
-            i: BlockCapture(batch_size)
+            i: BlockCapture(batch_size + support_rows)
             for i, params in enumerate(self.block_parameters)
             if any(p.requires_grad for p in params)
         }
@@ -306,13 +318,18 @@ class GastEngine:
         if self._on_block is not None:
             self._on_block(index, [capture.get(p) for p in params])
             return [None] * len(params)
-        n, k = capture.batch_size, self._k
+        n, k = capture.batch_size - self._support_rows, self._k
         result: dict[int, torch.Tensor] = {}
         for group in self._groups_by_block[index]:
             live = [params[j] for j in group.positions]
             per_sample = [capture.get(p) for p in live]
             fallback = False
-            if self._support is None:  # the batch's own direction; a NaN sample must not spoil it
+            if self._support_rows:  # one pass: the support rows' gradients, after the batch's
+                support = [support_sum(g[n:]) for g in per_sample]
+                per_sample = [g[:n] for g in per_sample]
+                if not support_is_usable(support):
+                    support, fallback = batch_support(per_sample), True
+            elif self._support is None:  # the batch's own direction; a NaN sample must not spoil it
                 support = batch_support(per_sample)
             else:
                 # keyed by the attached parameters; a frozen parameter of a partly frozen block

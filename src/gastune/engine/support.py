@@ -14,6 +14,9 @@ from gastune.errors import GastuneError
 
 logger = logging.getLogger(__name__)
 
+# The micro-batch key that tells the loss how many rows at its end are one-pass support rows.
+SUPPORT_ROWS_KEY = "gast_support_rows"
+
 
 def support_gradients(
     model: nn.Module,
@@ -80,3 +83,28 @@ def _support_gradients(
 def _support_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
     return model_per_sample_loss(model, inputs, batch["labels"])[0]
+
+
+def support_sum(per_sample: torch.Tensor) -> torch.Tensor:
+    """One-pass support: the sum of the support rows' per-sample gradients ``(K_sup, …)``.
+
+    A row with a non-finite gradient (its loss overflowed) is left out, as the two-pass
+    ``support_gradients`` leaves out a row with a non-finite loss; with no host sync.
+    """
+    finite = torch.isfinite(per_sample.reshape(per_sample.shape[0], -1)).all(dim=1)
+    finite = finite.view(-1, *([1] * (per_sample.dim() - 1)))
+    return torch.where(finite, per_sample, 0.0).sum(dim=0)
+
+
+def one_pass_loss(losses: torch.Tensor, support_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of a forward over training rows followed by ``support_rows`` support rows.
+
+    Returns ``(loss, training_losses)``: ``loss`` has the value of the training rows' mean
+    (what the step reports) and the gradient of the training rows' mean plus the support
+    rows' mean, so each support row's per-sample gradient carries 1/K_sup and their sum at a
+    block gate is the support gradient G_l. A support row with a non-finite loss gets weight 0.
+    """
+    n = losses.shape[0] - support_rows
+    train, support = losses[:n], losses[n:]
+    support = torch.where(torch.isfinite(support.detach()), support, 0.0).mean()
+    return train.mean() + (support - support.detach()), train

@@ -12,9 +12,10 @@ import torch
 
 from gastune.engine import GastEngine, GastSettings, support_gradients
 from gastune.engine.stats import SelectionRecord, selection_mask, summarize
+from gastune.engine.support import SUPPORT_ROWS_KEY
 from gastune.errors import GastuneError
 from gastune.methods.base import TrainingMethod, register_method
-from gastune.methods.rows import is_hf_dataset
+from gastune.methods.rows import is_hf_dataset, join_rows
 
 
 class GastMethod(TrainingMethod):
@@ -27,6 +28,11 @@ class GastMethod(TrainingMethod):
             (draw from ``support_dataset``) or ``batch`` (the batch's own mean gradient).
         seed: seeds the support draws and the per-layer selection draws.
         keep_masks: how many recent selection masks to keep for the heatmap.
+        support_pass: ``one`` — the support rows ride in the batch's forward/backward and
+            their per-sample gradients give G_l at each block's gate; ``two`` — a separate
+            support forward/backward first (less activation memory: the batch's forward
+            holds N rows instead of N + K_sup). ``one`` falls back to ``two`` when trainable
+            parameters lie outside the decoder blocks (the support rows would train them).
     """
 
     name = "gast"
@@ -39,9 +45,12 @@ class GastMethod(TrainingMethod):
         support_dataset=None,
         seed: int = 0,
         keep_masks: int = 256,
+        support_pass: str = "one",
     ):
         if support not in ("train", "heldout", "batch"):
             raise GastuneError(f"support must be train, heldout or batch, got '{support}'")
+        if support_pass not in ("one", "two"):
+            raise GastuneError(f"support_pass must be one or two, got '{support_pass}'")
         if support_size < 1:
             raise GastuneError(f"support_size (K_sup) must be ≥ 1, got {support_size}")
         if support == "heldout" and support_dataset is None:
@@ -54,6 +63,7 @@ class GastMethod(TrainingMethod):
         self.support_dataset = support_dataset
         self.seed = seed
         self.keep_masks = keep_masks
+        self.support_pass = support_pass
         self.engine: GastEngine | None = None
         self.masks: list[tuple[int, torch.Tensor]] = []
         self._records: list[tuple[int, list[SelectionRecord]]] = []
@@ -91,6 +101,8 @@ class GastMethod(TrainingMethod):
         assert self.engine is not None, "setup() was not called"
         n = inputs["input_ids"].shape[0]
         support = None
+        if self.support != "batch" and self._one_pass():
+            return self._one_pass_step(trainer, model, inputs)
         if self.support != "batch":
             batch = self._support_batch(trainer)
             with trainer.compute_loss_context_manager():
@@ -104,12 +116,31 @@ class GastMethod(TrainingMethod):
         full = trainer.args.per_device_train_batch_size
         with self.engine.step(n, support=support, step_seed=step_seed, full_batch_size=full):
             loss = run()
+        self._keep_records(trainer, n)
+        return loss
+
+    def _one_pass(self) -> bool:
+        return self.support_pass == "one" and not any(p.requires_grad for _, p in self.engine.outside)
+
+    def _one_pass_step(self, trainer, model, inputs):
+        """The support rows appended to the micro-batch: one forward/backward for both."""
+        n = inputs["input_ids"].shape[0]
+        support_batch = self._support_batch(trainer)
+        rows = support_batch["input_ids"].shape[0]
+        combined = {**join_rows(inputs, support_batch), SUPPORT_ROWS_KEY: rows}
+        step_seed = int(torch.randint(0, 2**62, (1,), generator=self._select_gen))
+        full = trainer.args.per_device_train_batch_size
+        with self.engine.step(n, step_seed=step_seed, full_batch_size=full, support_rows=rows):
+            loss = trainer.plain_training_step(model, combined)
+        self._keep_records(trainer, n)
+        return loss
+
+    def _keep_records(self, trainer, n: int) -> None:
         self._records.append((n, self.engine.records))
         step = trainer.state.global_step
         if self.keep_masks:
             self.masks.append((step, selection_mask(self.engine.records, n, len(self.engine.groups))))
             del self.masks[: -self.keep_masks]
-        return loss
 
     def metrics(self) -> dict[str, float]:
         if not self._records or self.engine is None:
@@ -138,4 +169,5 @@ def _gast(config, support_dataset=None, **_) -> GastMethod:
         support=config.gast_support,
         support_dataset=support_dataset,
         seed=config.seed,
+        support_pass=config.gast_support_pass,
     )

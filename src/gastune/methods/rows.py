@@ -42,6 +42,34 @@ class RowSource:
         return self.trainer._prepare_inputs(self.collator([self.dataset[i] for i in indices]))
 
 
+# Right-padding values of the usual per-token columns (anything else pads with 0).
+PAD_VALUES = {"labels": -100}
+
+
+def join_rows(first: dict[str, Any], second: dict[str, Any]) -> dict[str, Any]:
+    """The rows of ``second`` appended after those of ``first``, both right-padded to the longer
+    sequence (padding: attention mask 0, label -100, so no real token sees or predicts it).
+
+    Only keys both batches hold as tensors with a batch dimension are kept.
+    """
+    n = first["input_ids"].shape[0]
+    t_first, t_second = first["input_ids"].shape[1], second["input_ids"].shape[1]
+    length = max(t_first, t_second)
+    joined: dict[str, Any] = {}
+    for key, a in first.items():
+        b = second.get(key)
+        if not (torch.is_tensor(a) and torch.is_tensor(b)) or a.dim() == 0 or a.shape[0] != n:
+            continue
+        if a.dim() >= 2 and b.dim() == a.dim() and a.shape[1] == t_first and b.shape[1] == t_second:
+            value = PAD_VALUES.get(key, 0)
+            a = torch.nn.functional.pad(a, (0, 0) * (a.dim() - 2) + (0, length - a.shape[1]), value=value)
+            b = torch.nn.functional.pad(b, (0, 0) * (b.dim() - 2) + (0, length - b.shape[1]), value=value)
+        if a.shape[1:] != b.shape[1:]:
+            continue
+        joined[key] = torch.cat([a, b.to(a.device, a.dtype)])
+    return joined
+
+
 class ShuffledBatches:
     """Index batches of shuffled passes over ``n`` rows, reshuffled when a pass ends — what
     IST's code gets from ``iter(DataLoader(train, batch_size=16, shuffle=True))``, including

@@ -139,6 +139,13 @@ class GastuneConfig(TrainingArguments):
     gast_support: str = field(
         default="train", metadata={"help": "GAST support source: train (fresh draw), heldout, or batch."}
     )
+    gast_support_pass: str = field(
+        default="one",
+        metadata={
+            "help": "GAST: one (support rows ride in the batch's forward/backward) or two (a separate "
+            "support pass; less activation memory)."
+        },
+    )
     gast_selection: str = field(default="softmax", metadata={"help": "GAST: softmax, random or topk."})
     gast_score: str = field(default="dot", metadata={"help": "GAST: dot or cosine alignment."})
     gast_temperature: float = field(default=1.0, metadata={"help": "GAST: softmax temperature τ."})
@@ -219,6 +226,8 @@ class GastuneConfig(TrainingArguments):
             raise GastuneError(f"gast_support must be train, heldout or batch, got '{self.gast_support}'")
         if self.gast_support_size < 1:
             raise GastuneError(f"gast_support_size (K_sup) must be ≥ 1, got {self.gast_support_size}")
+        if self.gast_support_pass not in ("one", "two"):
+            raise GastuneError(f"gast_support_pass must be one or two, got '{self.gast_support_pass}'")
         self.gast_settings()  # validates k, selection, score, τ, granularity
         self._check_baselines()
         k = self.gast_k

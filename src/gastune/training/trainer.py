@@ -33,6 +33,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotat
 
 from gastune.engine.fused_loss import model_per_sample_loss
 from gastune.engine.loss import per_sample_loss
+from gastune.engine.support import SUPPORT_ROWS_KEY, one_pass_loss
 from gastune.errors import GastuneError, TrainingFailed
 from gastune.methods import TrainingMethod, build_method
 from gastune.models.quantization import is_quantized
@@ -44,7 +45,7 @@ from gastune.training.numerics import NonFiniteLoss, SampleGuard, has_targets, z
 logger = logging.getLogger(__name__)
 
 # Collator keys that are bookkeeping, not model inputs.
-NON_MODEL_KEYS = ("labels", "index", "completion_mask", "assistant_masks")
+NON_MODEL_KEYS = ("labels", "index", "completion_mask", "assistant_masks", SUPPORT_ROWS_KEY)
 
 
 class GastuneMixin:
@@ -77,11 +78,13 @@ class GastuneMixin:
             losses, outputs = model_per_sample_loss(
                 model, model_inputs, labels, unwrapped=self.accelerator.unwrap_model(model)
             )
+        support_rows = inputs.get(SUPPORT_ROWS_KEY, 0)  # GAST's one-pass support rows, last
         if self.sample_guard.active:
             finite = torch.isfinite(losses.detach())
+            finite[len(finite) - support_rows :] = True  # a bad support row is left out, not re-run
             if not finite.all():  # before any backward: training_step re-runs without these rows
                 raise NonFiniteLoss(inputs, ~finite)
-        loss = losses.mean()
+        loss = one_pass_loss(losses, support_rows)[0] if support_rows else losses.mean()
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
