@@ -157,6 +157,7 @@ def worker(args) -> dict:
         "median_step_s": statistics.median(measured),
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "rss_before_training_bytes": baseline_rss,
+        "load_average_1min_at_end": os.getloadavg()[0],
     }
     if args.device == "cuda":
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
@@ -190,6 +191,12 @@ def parent(args) -> None:
                 sys.stderr.write(out.stderr[-4000:])
                 raise SystemExit(f"worker for {method} failed (exit {out.returncode})")
             runs[method].append(json.loads(lines[-1][len("RESULT ") :]))
+        report = summarize(args, runs, origin, rounds_done=round_index + 1)
+        write_json(args.out, report)  # after every round: an interrupted run keeps what it measured
+    publish(report, args)
+
+
+def summarize(args, runs: dict[str, list[dict]], origin: dict, rounds_done: int) -> dict:
     memory_key = "peak_cuda_bytes" if args.device == "cuda" else "peak_rss_bytes"
     summary = {}
     for method, results in runs.items():
@@ -214,14 +221,14 @@ def parent(args) -> None:
             k: v for k, v in vars(args).items() if k not in ("worker", "method", "readme", "render", "note")
         },
         "note": args.note,
+        "rounds_completed": rounds_done,
         "memory_metric": memory_key,
         "summary": summary,
         "runs": runs,
         **origin,
     }
     report["output"] = args.out
-    write_json(args.out, report)
-    publish(report, args)
+    return report
 
 
 def publish(report: dict, args) -> None:
@@ -254,7 +261,9 @@ def render_table(report: dict) -> str:
             else ""
         )
         + "; "
-        f"{s['rounds']} interleaved rounds × {s['steps']} steps; {report['date'][:10]}, commit {(report['git']['commit'] or 'unknown')[:8]}"
+        f"{report.get('rounds_completed', s['rounds'])} interleaved round(s) × {s['steps']} steps"
+        + (f" after {s['warmup']} warm-up" if s["warmup"] else " (no warm-up step)")
+        + "; {report['date'][:10]}, commit {(report['git']['commit'] or 'unknown')[:8]}"
         + (" (dirty)" if report["git"]["dirty"] else ""),
         "",
         "| variant | median step (s) | time vs peer | time vs LoRA | peak memory (GiB) "
