@@ -341,7 +341,9 @@ class GastEngine:
                 if not support_is_usable(support):  # would score every sample 0 (or NaN)
                     support, fallback = batch_support(per_sample), True
             scores = alignment_scores(per_sample, support, self.settings.score)
-            scores = mask_ineligible(scores, per_sample, self._eligible)
+            # The one host sync per group and step: the draw runs on the CPU with a CPU
+            # generator, so a device gives the same choice as the CPU and the reference.
+            scores = mask_ineligible(scores, per_sample, self._eligible).cpu()
             chosen = choose_samples(
                 scores,
                 k,

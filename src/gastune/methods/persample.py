@@ -65,19 +65,22 @@ class PerSampleGradients:
             context: e.g. the Trainer's autocast context for the forward.
         """
         n = batch["input_ids"].shape[0]
-        sq = torch.zeros(n, dtype=torch.float64)
-        full = torch.zeros(n, n, dtype=torch.float64) if gram else None
-        dots = torch.zeros(n, dtype=torch.float64) if reference is not None else None
+        # Accumulated on the model's device and moved to the host once at the end: a copy to
+        # the host inside backward would stall the device at every block.
+        device = batch["input_ids"].device
+        sq = torch.zeros(n, dtype=torch.float64, device=device)
+        full = torch.zeros(n, n, dtype=torch.float64, device=device) if gram else None
+        dots = torch.zeros(n, dtype=torch.float64, device=device) if reference is not None else None
 
         def on_block(index: int, per_sample: list[torch.Tensor]) -> None:
             for p, g in zip(self.engine.block_parameters[index], per_sample):
                 flat = g.reshape(n, -1)  # (N, numel) fp32
-                sq.add_(flat.square().sum(dim=1).double().cpu())
+                sq.add_(flat.square().sum(dim=1).to(sq))
                 if full is not None:
-                    full.add_((flat @ flat.T).double().cpu())
+                    full.add_((flat @ flat.T).to(full))
                 if dots is not None and id(p) in reference:
                     ref = reference[id(p)].reshape(-1).to(device=flat.device, dtype=flat.dtype)
-                    dots.add_((flat @ ref).double().cpu())
+                    dots.add_((flat @ ref).to(dots))
 
         params = [p for block in self.engine.block_parameters for p in block if p.requires_grad]
         blocks = self.engine.blocks.blocks
@@ -93,4 +96,9 @@ class PerSampleGradients:
             # The sum, not the mean: the engine then hands over ∇ℓ_i itself, not ∇ℓ_i / N.
             # Under FSDP2 autograd sees the gathered copies of the parameters, not ``params``.
             torch.autograd.grad(losses.sum(), [in_use.get(id(p), p) for p in params], allow_unused=True)
-        return SampleScores(losses=losses.detach().double().cpu(), sq_norms=sq, gram=full, ref_dots=dots)
+        return SampleScores(
+            losses=losses.detach().double().cpu(),
+            sq_norms=sq.cpu(),
+            gram=None if full is None else full.cpu(),
+            ref_dots=None if dots is None else dots.cpu(),
+        )
