@@ -149,7 +149,18 @@ def worker(args) -> dict:
     trainer = trainer_cls(
         model=model, args=config, train_dataset=data, data_collator=collate, callbacks=[StepTimer()]
     )
-    trainer.train()
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+        with profile(activities=activities) as prof:
+            trainer.train()
+        sort = "self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=25)
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+        (Path(args.profile) / f"{args.method}.txt").write_text(table)
+    else:
+        trainer.train()
     measured = times[args.warmup :]
     result = {
         "method": args.method,
@@ -246,6 +257,10 @@ LABELS = {
 }
 
 
+def _ratio(row: dict, key: str) -> str:
+    return f"×{row[key]:.2f}" if key in row else "–"  # results from before the peer existed
+
+
 def render_table(report: dict) -> str:
     s = report["settings"]
     model = (s["shape"] and f"random {s['shape']}") or s["model"]
@@ -263,7 +278,7 @@ def render_table(report: dict) -> str:
         + "; "
         f"{report.get('rounds_completed', s['rounds'])} interleaved round(s) × {s['steps']} steps"
         + (f" after {s['warmup']} warm-up" if s["warmup"] else " (no warm-up step)")
-        + "; {report['date'][:10]}, commit {(report['git']['commit'] or 'unknown')[:8]}"
+        + f"; {report['date'][:10]}, commit {(report['git']['commit'] or 'unknown')[:8]}"
         + (" (dirty)" if report["git"]["dirty"] else ""),
         "",
         "| variant | median step (s) | time vs peer | time vs LoRA | peak memory (GiB) "
@@ -273,8 +288,8 @@ def render_table(report: dict) -> str:
     for method, r in report["summary"].items():
         name = LABELS.get(method, f"gastune {method}")
         lines.append(
-            f"| {name} | {r['median_step_s']:.2f} | ×{r['time_ratio_vs_peer']:.2f} | ×{r['time_ratio']:.2f} "
-            f"| {r['peak_memory_bytes'] / 2**30:.2f} | ×{r['memory_ratio_vs_peer']:.2f} | ×{r['memory_ratio']:.2f} |"
+            f"| {name} | {r['median_step_s']:.2f} | {_ratio(r, 'time_ratio_vs_peer')} | ×{r['time_ratio']:.2f} "
+            f"| {r['peak_memory_bytes'] / 2**30:.2f} | {_ratio(r, 'memory_ratio_vs_peer')} | ×{r['memory_ratio']:.2f} |"
         )
     lines.append("")
     if report.get("note"):
@@ -300,6 +315,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--checkpointing", action="store_true")
+    p.add_argument(
+        "--profile", default=None, help="folder: each worker writes its torch.profiler op table there"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads in each worker")
     p.add_argument("--pin-cpu", type=int, default=None, help="run workers on this CPU core (taskset)")
     p.add_argument(
@@ -319,8 +337,11 @@ def main() -> None:
     if args.worker:
         print("RESULT " + json.dumps(worker(args)), flush=True)
     elif args.render:
-        args.device = json.loads(Path(args.render).read_text())["settings"]["device"]
-        publish(json.loads(Path(args.render).read_text()), args)
+        report = json.loads(Path(args.render).read_text())
+        args.device = report["settings"]["device"]
+        if args.note:
+            report["note"] = args.note
+        publish(report, args)
     else:
         parent(args)
 
