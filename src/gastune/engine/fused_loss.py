@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gastune.engine.loss import chunk_rows, per_sample_loss, shifted_targets, token_ce_and_grad
+from gastune.engine.loss import chunk_rows, per_sample_loss, shifted_targets, softmax_minus_onehot_, token_ce
 
 # Model families whose logits are exactly ``lm_head(hidden)`` (no soft-capping, scaling or
 # copy after the projection in their transformers implementation).
@@ -42,23 +42,22 @@ FUSABLE_MODEL_TYPES = frozenset(
 
 class _FusedLinearCE(torch.autograd.Function):
     """Token losses ``(M,)`` of ``hidden (M, H) @ weightᵀ``; gradient formed chunk by chunk in
-    the forward, rescaled per token in the backward. ``weight``/``bias`` must be frozen."""
+    the forward, rescaled per token in the backward (a token without a target has weight 0,
+    so its row vanishes there). ``weight``/``bias`` must be frozen."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, rows, want_grad):
         loss = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if want_grad else None
-        ones = torch.ones(1, device=hidden.device)
         for s in range(0, hidden.shape[0], rows):
             logits = F.linear(hidden[s : s + rows], weight, bias)  # ambient autocast applies
-            chunk_loss, _, grad = token_ce_and_grad(
-                logits, targets[s : s + rows], ones if want_grad else None
-            )
-            loss[s : s + rows] = chunk_loss
+            compute = logits.dtype  # as the plain path: logits' gradient in the logits' dtype
+            logits = logits.float()
+            loss[s : s + rows], lse = token_ce(logits, targets[s : s + rows])
             if want_grad:
-                compute = logits.dtype  # as the plain path: logits' gradient in the logits' dtype
+                grad = softmax_minus_onehot_(logits, targets[s : s + rows], lse)
                 grad_hidden[s : s + rows] = grad.to(compute) @ weight.to(compute)
-            del logits, grad
+            del logits
         ctx.save_for_backward(grad_hidden)
         return loss
 

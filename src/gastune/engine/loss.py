@@ -36,24 +36,23 @@ def shifted_targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return shift.reshape(-1), weights.reshape(-1)
 
 
-def token_ce_and_grad(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None):
-    """Cross-entropy of one chunk of logits ``(M, V)`` and, when ``weights`` is given, its
-    gradient ``weights ⊙ (softmax - onehot)`` — formed in place in the logits' buffer when they
-    are fp32 (pass a temporary), to keep one chunk-sized buffer.
-
-    Returns ``(token_loss (M,), lse (M,), grad or None)``. Ignored targets (-100) get 0.
-    """
+def token_ce(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy ``(M,)`` of one chunk of logits ``(M, V)`` (computed in fp32) and its
+    log-sum-exp ``(M,)``. Ignored targets (-100) get loss 0."""
     logits = logits.float()
     valid = targets != -100
-    safe = targets.clamp_min(0).unsqueeze(1)
     lse = torch.logsumexp(logits, dim=-1)
-    loss = torch.where(valid, lse - logits.gather(1, safe).squeeze(1), 0.0)
-    if weights is None:
-        return loss, lse, None
-    grad = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in the logits' buffer
-    grad.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=grad.dtype))
-    grad.mul_((weights * valid).unsqueeze(1))
-    return loss, lse, grad
+    loss = torch.where(valid, lse - logits.gather(1, targets.clamp_min(0).unsqueeze(1)).squeeze(1), 0.0)
+    return loss, lse
+
+
+def softmax_minus_onehot_(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy gradient ``softmax - onehot`` of fp32 ``logits (M, V)``, formed in
+    their buffer (pass a temporary). Rows of ignored targets are not zeroed: their upstream
+    gradient is 0 (their weight in the per-sample mean)."""
+    grad = logits.sub_(lse.unsqueeze(1)).exp_()
+    safe = targets.clamp_min(0).unsqueeze(1)
+    return grad.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=grad.dtype))
 
 
 class _ChunkedCE(torch.autograd.Function):
@@ -65,9 +64,7 @@ class _ChunkedCE(torch.autograd.Function):
         loss = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
         lse = torch.empty_like(loss)
         for s in range(0, logits.shape[0], rows):
-            loss[s : s + rows], lse[s : s + rows], _ = token_ce_and_grad(
-                logits[s : s + rows], targets[s : s + rows], None
-            )
+            loss[s : s + rows], lse[s : s + rows] = token_ce(logits[s : s + rows], targets[s : s + rows])
         ctx.save_for_backward(logits, targets, lse)
         ctx.rows = rows
         return loss
@@ -76,18 +73,11 @@ class _ChunkedCE(torch.autograd.Function):
     def backward(ctx, grad_loss):
         logits, targets, lse = ctx.saved_tensors
         grad = torch.empty_like(logits)
-        valid = targets != -100
+        scale = torch.where(targets != -100, grad_loss, 0.0).unsqueeze(1)
         for s in range(0, logits.shape[0], ctx.rows):
-            chunk = (
-                logits[s : s + ctx.rows]
-                .to(torch.float32, copy=True)
-                .sub_(lse[s : s + ctx.rows].unsqueeze(1))
-                .exp_()
-            )
-            safe = targets[s : s + ctx.rows].clamp_min(0).unsqueeze(1)
-            chunk.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=chunk.dtype))
-            scale = torch.where(valid[s : s + ctx.rows], grad_loss[s : s + ctx.rows], 0.0)
-            grad[s : s + ctx.rows] = chunk.mul_(scale.unsqueeze(1))
+            chunk = logits[s : s + ctx.rows].to(torch.float32, copy=True)
+            chunk = softmax_minus_onehot_(chunk, targets[s : s + ctx.rows], lse[s : s + ctx.rows])
+            grad[s : s + ctx.rows] = chunk.mul_(scale[s : s + ctx.rows])
         return grad, None, None
 
 
