@@ -13,6 +13,7 @@ from gastune.engine.loss import per_sample_loss, plain_per_sample_loss
 from gastune.engine.reference import reference_gast_gradients
 from gastune.training.adapters import build_peft_config
 from tests.conftest import VOCAB, make_batch, tiny_model
+from tests.unit.test_engine import adapted
 
 
 @pytest.fixture(autouse=True)
@@ -22,15 +23,12 @@ def small_chunks(monkeypatch):
 
 
 def lora(family="llama", checkpointing=False, modules_to_save=None):
+    if modules_to_save is None:
+        return adapted(family, checkpointing=checkpointing)
     model = tiny_model(family)
     cfg = build_peft_config(model, tuner="lora", r=4, alpha=8, dropout=0.0)
-    cfg.init_lora_weights = False
-    cfg.modules_to_save = modules_to_save
-    model = get_peft_model(model, cfg)
-    if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    return model
+    cfg.init_lora_weights, cfg.modules_to_save = False, modules_to_save
+    return get_peft_model(model, cfg).train()
 
 
 def losses_and_grads(model, batch, fused: bool, bf16: bool = False):
