@@ -24,7 +24,7 @@ def heldout_rows(n: int = 6, t: int = 5) -> list[dict[str, torch.Tensor]]:
     return [{**{k: v[i] for k, v in data.items()}, "index": torch.tensor(100 + i)} for i in range(n)]
 
 
-def train(support_pass: str, tuner: str = "lora", support: str = "heldout", steps: int = 2):
+def train(support_pass: str, tuner: str = "lora", support: str = "heldout", steps: int = 2, **extra):
     model = lora_model(layers=3, tuner=tuner)
     forwards = []
     model.register_forward_pre_hook(lambda m, a, kw: forwards.append(kw["input_ids"].shape), with_kwargs=True)
@@ -37,6 +37,7 @@ def train(support_pass: str, tuner: str = "lora", support: str = "heldout", step
             gast_support=support,
             gast_support_pass=support_pass,
             max_steps=steps,
+            **extra,
         ),
         train_dataset=row_dataset(8),
         support_dataset=heldout_rows() if support == "heldout" else None,
@@ -70,6 +71,17 @@ def test_one_pass_equals_two_pass(tuner, support):
     assert [s[0] for s in forwards_one] == [7, 7]
     assert [s[0] for s in forwards_two] == [3, 4, 3, 4]
     assert all(e["loss"] > 0 for e in log if "loss" in e)
+
+
+def test_one_pass_under_gradient_checkpointing_equals_two_pass():
+    before, two, records_two, *_ = train("two")
+    _, one, records_one, *_ = train(
+        "one", gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    assert records_one == records_two
+    for name in two:
+        assert not torch.equal(two[name], before[name]), name
+        torch.testing.assert_close(one[name], two[name], rtol=1e-4, atol=1e-6)
 
 
 def test_one_pass_reports_the_training_rows_loss():
