@@ -72,11 +72,14 @@ def test_only_the_active_layers_change_and_masks_are_whole_columns(method):
         assert per_column[layer] == expected
 
 
-def test_gast_ist_equals_the_gast_reference_on_the_active_layer(monkeypatch):
+@pytest.mark.parametrize("support_pass", ["two", "one"])
+def test_gast_ist_equals_the_gast_reference_on_the_active_layer(monkeypatch, support_pass):
     model = lora_model(LAYERS)
     before = copy.deepcopy(model)
     collator = Collator()
-    trainer = trainer_for("gast+ist", model=model, collator=collator, **OPTIONS)
+    trainer = trainer_for(
+        "gast+ist", model=model, collator=collator, gast_support_pass=support_pass, **OPTIONS
+    )
     seen = {}
     gast = trainer.method.inner
     support_batch = gast._support_batch
@@ -90,15 +93,18 @@ def test_gast_ist_equals_the_gast_reference_on_the_active_layer(monkeypatch):
     def record_step(self, batch_size, support=None, step_seed=0, **kwargs):
         seen["seed"] = step_seed
         seen["armed_support"] = support
+        seen["support_rows"] = kwargs.get("support_rows", 0)
         return engine_step(self, batch_size, support, step_seed, **kwargs)
 
     monkeypatch.setattr(gast, "_support_batch", record_support)
     monkeypatch.setattr(GastEngine, "step", record_step)
     trainer.train()
     (_, active), *_ = trainer.method.history
-    # the support gradient covered the active layer's adapters only
-    support_names = {n for n, p in model.named_parameters() if id(p) in seen["armed_support"]}
-    assert support_names and {layer_of(n) for n in support_names} == set(active)
+    if support_pass == "two":  # the support gradient covered the active layer's adapters only
+        support_names = {n for n, p in model.named_parameters() if id(p) in seen["armed_support"]}
+        assert support_names and {layer_of(n) for n in support_names} == set(active)
+    else:  # the support rows rode in the batch's pass
+        assert seen["armed_support"] is None and seen["support_rows"] == 2
     ref = reference_gast_gradients(
         before, collator.batches[0], trainer.args.gast_settings(), seen["support"], seen["seed"]
     )
