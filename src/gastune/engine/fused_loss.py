@@ -6,7 +6,8 @@ and the ``lm_head`` weight. Each chunk's logits, softmax and the gradient of the
 states are formed and dropped before the next chunk (Liger's fused linear cross-entropy, in
 plain torch): the gradient is computed in the forward, because the token losses are the end
 of the graph and their backward is linear in the upstream gradient — it only rescales each
-token's row. Peak extra memory is one chunk's logits instead of the batch's logits, their
+token's row (under bf16 autocast the backward recomputes each chunk instead, so that the
+gradient is rounded to bf16 after scaling, as in ordinary autograd). Peak extra memory is one chunk's logits instead of the batch's logits, their
 fp32 log-softmax and their gradient (≈ 2.4 GB for SmolLM2 at 16 × 256 tokens).
 
 How it hooks in without changing the model's forward: while ``fused_per_sample_loss`` runs
@@ -41,32 +42,61 @@ FUSABLE_MODEL_TYPES = frozenset(
 
 
 class _FusedLinearCE(torch.autograd.Function):
-    """Token losses ``(M,)`` of ``hidden (M, H) @ weightᵀ``; gradient formed chunk by chunk in
-    the forward, rescaled per token in the backward (a token without a target has weight 0,
-    so its row vanishes there). ``weight``/``bias`` must be frozen."""
+    """Token losses ``(M,)`` of ``hidden (M, H) @ weightᵀ``, chunk by chunk. ``weight``/``bias``
+    must be frozen.
+
+    fp32 logits: the gradient is formed in the forward and only rescaled per token in the
+    backward (a token without a target has weight 0, so its row vanishes there). Lower
+    precision logits (bf16 autocast): the backward recomputes each chunk's logits and scales
+    the fp32 softmax gradient *before* rounding it to bf16, as the plain path does, so the
+    result carries the same rounding as ordinary autograd (one more ``lm_head`` matmul).
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, rows, want_grad):
         loss = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if want_grad else None
+        lse_all = torch.empty_like(loss)
+        grad_hidden = None
+        ctx.rows, ctx.compute = rows, None
         for s in range(0, hidden.shape[0], rows):
             logits = F.linear(hidden[s : s + rows], weight, bias)  # ambient autocast applies
-            compute = logits.dtype  # as the plain path: logits' gradient in the logits' dtype
+            ctx.compute = compute = logits.dtype
             logits = logits.float()
             loss[s : s + rows], lse = token_ce(logits, targets[s : s + rows])
-            if want_grad:
+            lse_all[s : s + rows] = lse
+            if want_grad and compute == torch.float32:
+                if grad_hidden is None:
+                    grad_hidden = torch.empty_like(hidden)
                 grad = softmax_minus_onehot_(logits, targets[s : s + rows], lse)
-                grad_hidden[s : s + rows] = grad.to(compute) @ weight.to(compute)
+                grad_hidden[s : s + rows] = grad @ weight.float()
             del logits
-        ctx.save_for_backward(grad_hidden)
+        if grad_hidden is not None:
+            ctx.save_for_backward(grad_hidden)
+            ctx.recompute = False
+        else:
+            ctx.save_for_backward(hidden, weight, bias, targets, lse_all)
+            ctx.recompute = True
+        ctx.want_grad = want_grad
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        (grad_hidden,) = ctx.saved_tensors
-        if grad_hidden is None:
+        if not ctx.want_grad:
             raise RuntimeError("gastune: fused loss computed without gradient cannot be back-propagated")
-        return grad_hidden * grad_loss.unsqueeze(1).to(grad_hidden.dtype), None, None, None, None, None
+        if not ctx.recompute:
+            (grad_hidden,) = ctx.saved_tensors
+            return grad_hidden * grad_loss.unsqueeze(1).to(grad_hidden.dtype), None, None, None, None, None
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        compute, rows = ctx.compute, ctx.rows
+        w = weight.to(compute)
+        b = None if bias is None else bias.to(compute)
+        grad_hidden = torch.empty_like(hidden)
+        scale = torch.where(targets != -100, grad_loss, 0.0).unsqueeze(1)
+        for s in range(0, hidden.shape[0], rows):
+            logits = F.linear(hidden[s : s + rows].to(compute), w, b).float()
+            grad = softmax_minus_onehot_(logits, targets[s : s + rows], lse[s : s + rows])
+            grad_hidden[s : s + rows] = grad.mul_(scale[s : s + rows]).to(compute) @ w
+        return grad_hidden, None, None, None, None, None
 
 
 def fused_token_losses(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tensor) -> torch.Tensor:
