@@ -6,11 +6,11 @@ batches. Each (variant, round) runs in a fresh subprocess so its peak memory is 
 rounds alternate variants (A B C C B A …) so machine noise hits all of them alike.
 
 Variants: ``peer``, any registered method (``lora``, ``gast``, ``ist``, ``rst`` …; docs/methods.md),
-``gast-batch`` (GAST with ``--gast_support batch``) and ``gast-twopass`` (GAST with the support
-rows in a separate forward/backward instead of riding in the batch's).
+``gast-batch`` (GAST with ``--gast_support batch``) and ``gast-onepass`` (GAST with the support
+rows riding in the batch's forward/backward instead of a separate pass, the default).
 
 Run (CPU, embedded model, the issue's setting):
-    python benchmarks/step_cost.py --methods peer,lora,gast,gast-batch,ist,rst --batch 16 --seq 256 \
+    python benchmarks/step_cost.py --methods peer,lora,gast,gast-batch,gast-onepass,ist,rst --batch 16 --seq 256 \
         --steps 3 --out docs/results/step_cost_cpu.json --readme
 GPU, randomly initialised LLaMA-7B shape in bf16 (benchmarks/gpu_check.sh):
     python benchmarks/step_cost.py --device cuda --shape llama-7b --bf16 --out docs/results/step_cost_gpu.json
@@ -47,6 +47,7 @@ SHAPES = {
 # variant name -> (gastune method, extra GastuneConfig fields); "peer" is plain Trainer + peft.
 VARIANTS = {
     "gast-batch": ("gast", {"gast_support": "batch"}),
+    "gast-onepass": ("gast", {"gast_support_pass": "one"}),
     "gast-twopass": ("gast", {"gast_support_pass": "two"}),
 }
 
@@ -253,6 +254,8 @@ def publish(report: dict, args) -> None:
 LABELS = {
     "peer": "peer: `transformers.Trainer` + peft LoRA, model's own loss",
     "gast-batch": "gastune gast, `--gast_support batch`",
+    "gast": "gastune gast (support drawn from the training set)",
+    "gast-onepass": "gastune gast, `--gast_support_pass one`",
     "gast-twopass": "gastune gast, `--gast_support_pass two`",
 }
 

@@ -140,10 +140,10 @@ class GastuneConfig(TrainingArguments):
         default="train", metadata={"help": "GAST support source: train (fresh draw), heldout, or batch."}
     )
     gast_support_pass: str = field(
-        default="one",
+        default="two",
         metadata={
-            "help": "GAST: one (support rows ride in the batch's forward/backward) or two (a separate "
-            "support pass; less activation memory)."
+            "help": "GAST: two (a separate support pass first; the default: less activation memory) or "
+            "one (support rows ride in the batch's forward/backward: N + K_sup rows at once)."
         },
     )
     gast_selection: str = field(default="softmax", metadata={"help": "GAST: softmax, random or topk."})
