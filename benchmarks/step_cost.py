@@ -90,6 +90,7 @@ def worker(args) -> dict:
     from transformers import TrainerCallback
 
     from gastune.training import GastuneConfig, GastuneTrainer, apply_adapter
+    from gastune.training.adapters import BOTTLENECK_TUNERS
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -97,7 +98,10 @@ def worker(args) -> dict:
     model, vocab = build_model(args)
     method, extra = VARIANTS.get(args.method, (args.method, {}))
     tuner = "dora" if method == "dora" else args.tuner  # --method dora is dense DoRA
-    model = apply_adapter(model, tuner=tuner, r=args.rank, alpha=2 * args.rank, dropout=0.05)
+    if tuner in BOTTLENECK_TUNERS:  # dense "lora" then means the dense step on this tuner
+        model = apply_adapter(model, tuner=tuner, bottleneck_size=args.bottleneck_size)
+    else:
+        model = apply_adapter(model, tuner=tuner, r=args.rank, alpha=2 * args.rank, dropout=0.05)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     steps = args.warmup + args.steps
@@ -267,8 +271,10 @@ def _ratio(row: dict, key: str) -> str:
 def render_table(report: dict) -> str:
     s = report["settings"]
     model = (s["shape"] and f"random {s['shape']}") or s["model"]
+    bottleneck = s["tuner"] in ("series", "parallel")
+    size = f"bottleneck {s.get('bottleneck_size', 256)}" if bottleneck else f"r={s['rank']}"
     lines = [
-        f"Model {model}, {s['tuner']} r={s['rank']}, batch {s['batch']} × {s['seq']} tokens, "
+        f"Model {model}, {s['tuner']} {size}, batch {s['batch']} × {s['seq']} tokens, "
         f"GAST k={s['k']} K_sup={s['k_sup']}, {'bf16' if s['bf16'] else 'fp32'} on {report['machine']['device_name']}"
         + (f", {s['threads']} thread(s)" if s.get("threads") else "")
         + (
@@ -310,6 +316,7 @@ def main() -> None:
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--tuner", default="lora")
     p.add_argument("--rank", type=int, default=32)
+    p.add_argument("--bottleneck-size", type=int, default=256, help="--tuner series|parallel")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--k", type=float, default=8)

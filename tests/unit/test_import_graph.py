@@ -24,6 +24,7 @@ LAYERS = [
     {"provenance", "yaml_file"},
     {"selection"},
     {"models"},
+    {"tuners"},
     {"engine"},
     {"methods"},
     {"data"},

@@ -120,12 +120,16 @@ def load_model_with_adapter(
     """
     from gastune.eval.adapter_checks import check_adapter, check_finite_parameters
     from gastune.models.loading import load_model, load_tokenizer
+    from gastune.tuners import is_bottleneck_folder, load_bottleneck
 
     if adapter is not None:
         check_adapter(adapter, model_name, allow_base_mismatch)
+    bottleneck = adapter is not None and is_bottleneck_folder(adapter)
     tokenizer = load_tokenizer(model_name)
     model = load_model(model_name)
-    if adapter is not None:
+    if bottleneck:
+        model = load_bottleneck(model, adapter)
+    elif adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)

@@ -33,6 +33,10 @@ def check_adapter_written(output_dir: str) -> None:
     from gastune.errors import GastuneError
 
     out = Path(output_dir)
+    from gastune.tuners.bottleneck_io import CONFIG_NAME, WEIGHTS_NAME
+
+    if (out / CONFIG_NAME).is_file() and (out / WEIGHTS_NAME).is_file():
+        return  # a series/parallel adapter (gastune.tuners)
     missing = [ADAPTER_CONFIG] if not (out / ADAPTER_CONFIG).is_file() else []
     if not any((out / name).is_file() for name in ADAPTER_WEIGHTS):
         missing.append(ADAPTER_WEIGHTS[0])

@@ -21,6 +21,8 @@ import torch
 
 from gastune.errors import GastuneError
 from gastune.models.loading import DEFAULT_MODEL, default_model_target
+from gastune.tuners import is_bottleneck_folder
+from gastune.tuners.bottleneck_io import WEIGHTS_NAME as BOTTLENECK_WEIGHTS
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,13 @@ def check_adapter(adapter: str, model: str, allow_base_mismatch: bool = False) -
         >>> check_adapter("runs/lora", "smollm2-135m")  # doctest: +SKIP
     """
     folder = Path(adapter)
+    if is_bottleneck_folder(folder):  # gastune's series/parallel adapter (gastune.tuners)
+        weights = folder / BOTTLENECK_WEIGHTS
+        if not weights.is_file():
+            raise GastuneError(f"'{adapter}' has no adapter weights ({BOTTLENECK_WEIGHTS})")
+        check_finite_weights(weights)
+        check_base_model(folder, model, allow_base_mismatch)
+        return weights
     if not (folder / ADAPTER_CONFIG).is_file():
         raise GastuneError(f"'{adapter}' is not a peft adapter folder (no {ADAPTER_CONFIG})")
     weights = next((folder / name for name in ADAPTER_WEIGHTS if (folder / name).is_file()), None)

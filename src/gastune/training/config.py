@@ -14,7 +14,7 @@ from gastune.engine.settings import GastSettings
 from gastune.errors import GastuneError
 from gastune.methods import METHODS
 from gastune.models.loading import DEFAULT_MODEL
-from gastune.training.adapters import TUNERS
+from gastune.training.adapters import BOTTLENECK_TUNERS, TUNERS, build_bottleneck_config
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,25 @@ class ModelConfig:
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the adapter input."})
     target_modules: str = field(
         default="auto",
-        metadata={"help": "Comma-separated module names, or 'auto' (q,k,v,up,down when present)."},
+        metadata={
+            "help": "Comma-separated module names, or 'auto' (LoRA: q,k,v,up,down when present; "
+            "series/parallel: the MLP projections, see docs/methods.md)."
+        },
+    )
+    bottleneck_size: int = field(
+        default=256, metadata={"help": "Series/parallel adapters: bottleneck width."}
+    )
+    non_linearity: str = field(
+        default="tanh",
+        metadata={"help": "Series/parallel adapters: tanh, relu, gelu, silu, sigmoid or identity."},
+    )
+    adapter_dropout: float = field(default=0.0, metadata={"help": "Series/parallel adapters: input dropout."})
+    adapter_scaling: str = field(
+        default="1.0", metadata={"help": "Series/parallel adapters: output scale, a number or 'learned'."}
+    )
+    adapter_position: str = field(
+        default="output",
+        metadata={"help": "Series adapters: 'output' (after the target module) or 'input' (before it)."},
     )
 
     load_in_4bit: bool = field(
@@ -70,6 +88,21 @@ class ModelConfig:
             raise GastuneError("lora_alpha 0 makes the adapter's scaling 0: nothing would train")
         if not 0 <= self.lora_dropout < 1:  # also catches NaN
             raise GastuneError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.tuner in BOTTLENECK_TUNERS:
+            self.bottleneck_settings()  # one-line errors now, not after the model is loaded
+
+    def bottleneck_settings(self) -> dict:
+        """The keyword arguments ``apply_adapter`` takes for a series/parallel adapter."""
+        settings = {
+            "target_modules": self.target_modules,
+            "bottleneck_size": self.bottleneck_size,
+            "non_linearity": self.non_linearity,
+            "adapter_dropout": self.adapter_dropout,
+            "adapter_scaling": self.adapter_scaling,
+            "adapter_position": self.adapter_position,
+        }
+        build_bottleneck_config(self.tuner or "series", **settings)  # validates
+        return settings
 
 
 @dataclass

@@ -22,7 +22,7 @@ from gastune.models import find_decoder_blocks, load_model, load_tokenizer
 from gastune.models.portable import describe_base, make_portable
 from gastune.models.quantization import keep_cpu_weights_unpacked, quantization_config
 from gastune.training import checkpoint
-from gastune.training.adapters import apply_adapter
+from gastune.training.adapters import BOTTLENECK_TUNERS, apply_adapter
 from gastune.training.config import DataConfig, GastuneConfig, ModelConfig
 from gastune.training.output_dir import prepare_output_dir
 from gastune.training.trainer import GastuneTrainer
@@ -135,7 +135,8 @@ def train(
     """Load the model, add the adapter, build the data, train with ``config.method``, save.
 
     The adapter is saved the standard peft way in ``config.output_dir`` (loadable with
-    ``PeftModel.from_pretrained``), with the tokenizer and ``gastune_config.json``.
+    ``PeftModel.from_pretrained``) — a series/parallel adapter as ``gastune.tuners`` saves it
+    (``load_bottleneck``) — with the tokenizer and ``gastune_config.json``.
     """
     from gastune.data import CausalLMCollator
     from gastune.data.prompts import default_rule
@@ -182,14 +183,17 @@ def train(
             f"the tokenizer of '{model_cfg.model}' has {len(tokenizer)} tokens but the model's embedding "
             f"has only {vocab} rows: the tokenizer does not belong to this model"
         )
-    model = apply_adapter(
-        model,
-        tuner=tuner,
-        r=model_cfg.lora_r,
-        alpha=model_cfg.lora_alpha,
-        dropout=model_cfg.lora_dropout,
-        target_modules=model_cfg.target_modules,
-    )
+    if tuner in BOTTLENECK_TUNERS:
+        model = apply_adapter(model, tuner=tuner, **model_cfg.bottleneck_settings())
+    else:
+        model = apply_adapter(
+            model,
+            tuner=tuner,
+            r=model_cfg.lora_r,
+            alpha=model_cfg.lora_alpha,
+            dropout=model_cfg.lora_dropout,
+            target_modules=model_cfg.target_modules,
+        )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info(
         "method %s, tuner %s: %d trainable parameters, %d training sequences",

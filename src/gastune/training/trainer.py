@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerState
 from transformers.integrations import is_deepspeed_zero3_enabled
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, rotate_checkpoints
 
 from gastune.engine.fused_loss import model_per_sample_loss
@@ -41,6 +42,8 @@ from gastune.training import checkpoint, identity
 from gastune.training.fsdp_resume import lenient_optimizer_state_loading
 from gastune.training.health import StepAccounting, StepCheck
 from gastune.training.numerics import NonFiniteLoss, SampleGuard, has_targets, zero_gradient_loss
+from gastune.tuners import has_bottleneck, is_bottleneck_folder, save_bottleneck
+from gastune.tuners.bottleneck_io import load_bottleneck_weights
 
 logger = logging.getLogger(__name__)
 
@@ -306,6 +309,28 @@ def _finished(progress: dict, args) -> bool:
     if args.max_steps > 0:
         return args.max_steps <= step
     return args.num_train_epochs <= (progress.get("num_train_epochs") or 0)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """A model with gastune's series/parallel adapters saves only those (the base model is
+        a ``PreTrainedModel`` the Trainer would save whole); any other model as the Trainer does."""
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if not has_bottleneck(model):
+            return super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return None
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        save_bottleneck(model, output_dir, state_dict)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        return None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        target = model if model is not None else self.model
+        if has_bottleneck(target) and is_bottleneck_folder(resume_from_checkpoint):
+            load_bottleneck_weights(target, resume_from_checkpoint)
+            return
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
 
 
 def check_sharding(trainer) -> None:
