@@ -31,10 +31,9 @@ def check_adapter_written(output_dir: str) -> None:
     ``fsdp_state_dict_type: SHARDED_STATE_DICT`` transformers saves no adapter at all, silently.
     """
     from gastune.errors import GastuneError
-
-    out = Path(output_dir)
     from gastune.tuners.bottleneck_io import CONFIG_NAME, WEIGHTS_NAME
 
+    out = Path(output_dir)
     if (out / CONFIG_NAME).is_file() and (out / WEIGHTS_NAME).is_file():
         return  # a series/parallel adapter (gastune.tuners)
     missing = [ADAPTER_CONFIG] if not (out / ADAPTER_CONFIG).is_file() else []
