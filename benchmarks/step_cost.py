@@ -16,6 +16,8 @@ GPU, randomly initialised LLaMA-7B shape in bf16 (benchmarks/gpu_check.sh):
     python benchmarks/step_cost.py --device cuda --shape llama-7b --bf16 --out docs/results/step_cost_gpu.json
 Re-render the README table from a results JSON (e.g. after a re-run elsewhere):
     python benchmarks/step_cost.py --render docs/results/step_cost_cpu.json --readme
+Series/parallel bottleneck adapters (the "lora" row is then the dense step on that tuner):
+    python benchmarks/step_cost.py --tuner series --bottleneck-size 256 --methods lora,gast
 Fisher scores its layers during the warm-up step; IST's probe runs every 10 steps (ist_interval),
 so a run of fewer steps times IST without it (three gradient-free forwards of 16 rows per 10 steps).
 """

@@ -132,8 +132,8 @@ class IstPolicy:
         if not any(self.modules):
             raise GastuneError(
                 "IST suppresses adapter outputs through peft's scaling API (scale_layer): the model "
-                "has no adapter layer with it (LoRA, DoRA, LoHa and LoKr have it; IA3 and full-"
-                "parameter training do not)"
+                "has no adapter layer with it (LoRA, DoRA, LoHa, LoKr, series and parallel have it; "
+                "IA3 and full-parameter training do not)"
             )
         if self.scores is None:
             self.scores = torch.zeros(n, dtype=torch.float64)
