@@ -41,3 +41,40 @@ def test_real_model_trains_and_loss_drops(method, tmp_path):
     lora_b = [p for n, p in result.model.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.abs().sum() > 0 for p in lora_b), "LoRA B starts at zero and must have moved"
     assert (tmp_path / method / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("tuner", ["series", "parallel"])
+def test_real_model_trains_bottleneck_adapters_with_gast(tuner, tmp_path):
+    from gastune.tuners import bottleneck_layers, load_bottleneck
+
+    out = tmp_path / tuner
+    config = GastuneConfig(
+        output_dir=str(out),
+        method="gast",
+        max_steps=8,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        gast_k=2,
+        gast_support_size=2,
+        use_cpu=True,
+        dataloader_drop_last=True,
+        disable_tqdm=True,
+    )
+    data = DataConfig(tasks="boolq,arc_easy", per_task=16, cutoff_len=128)
+    result = train(ModelConfig(tuner=tuner, bottleneck_size=64), data, config)
+    losses = [h["loss"] for h in result.trainer.state.log_history if "loss" in h]
+    assert len(losses) == 8 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < 0.9 * sum(losses[:3]) / 3, losses
+    layers = bottleneck_layers(result.model)
+    assert len(layers) == 30 * (2 if tuner == "parallel" else 1)  # SmolLM2-135M: 30 blocks
+    assert all(layer.adapter_up.weight.abs().sum() > 0 for layer in layers.values()), "up starts at zero"
+    from gastune.models import load_model
+
+    loaded = load_bottleneck(load_model("smollm2-135m"), out)
+    for name, param in result.model.named_parameters():
+        if ".adapter_" in name:
+            assert torch.equal(loaded.get_parameter(name), param.detach().cpu())

@@ -185,6 +185,14 @@ def test_save_then_load_gives_the_same_model_and_saves_only_adapters(
     assert not torch.equal(logits(loaded, batch), logits(tiny_model(family).eval(), batch))
 
 
+def test_saving_an_incomplete_state_dict_is_refused(tmp_path):
+    model = adapted("llama", "series", layers=1)
+    partial = {k: v for k, v in model.state_dict().items() if "adapter_up" not in k}
+    with pytest.raises(GastuneError, match="lacks 1 adapter tensors"):
+        save_bottleneck(model, tmp_path / "out", state_dict=partial)
+    assert not (tmp_path / "out").exists()
+
+
 def test_loading_onto_a_model_of_another_width_is_a_one_line_error(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

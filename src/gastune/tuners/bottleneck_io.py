@@ -53,7 +53,12 @@ def adapter_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict
         if not pname.startswith("base_layer.")
     ]
     source = state_dict if state_dict is not None else dict(model.named_parameters())
-    return {k: source[k].detach().to("cpu").contiguous() for k in keys if k in source}
+    missing = [k for k in keys if k not in source]
+    if missing:  # never write an adapter with tensors left out
+        raise GastuneError(
+            f"the state dict to save lacks {len(missing)} adapter tensors, e.g. '{missing[0]}'"
+        )
+    return {k: source[k].detach().to("cpu").contiguous() for k in keys}
 
 
 def save_bottleneck(model: nn.Module, folder: str | os.PathLike, state_dict: dict | None = None) -> None:
@@ -64,9 +69,9 @@ def save_bottleneck(model: nn.Module, folder: str | os.PathLike, state_dict: dic
     if not layers:
         raise GastuneError("the model has no bottleneck adapters to save")
     config = next(iter(layers.values())).config
+    tensors = adapter_state_dict(model, state_dict)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = adapter_state_dict(model, state_dict)
     # Weights first, config last: a folder with a config is a complete adapter.
     save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
     meta = {"format": FORMAT, **asdict(config), "modules": list(layers)}
