@@ -30,11 +30,13 @@ FAMILIES = ("llama", "qwen2", "gpt2")
 VARIANTS = (("series", "output"), ("series", "input"), ("parallel", "output"))
 
 
-def adapted(family="llama", kind="series", position="output", randomise=True, layers=3, std=0.2, **kw):
-    """A tiny model with a bottleneck adapter of size 8; ``randomise`` gives ``up`` non-zero
+def adapted(
+    family="llama", kind="series", position="output", randomise=True, layers=3, std=0.2, size=8, **kw
+):
+    """A tiny model with a bottleneck adapter (``size``); ``randomise`` gives ``up`` non-zero
     weights (``std``) so the adapter changes the output and every adapter tensor has a gradient."""
     model = tiny_model(family, layers=layers)
-    apply_bottleneck(model, BottleneckConfig(kind, bottleneck_size=8, position=position, **kw))
+    apply_bottleneck(model, BottleneckConfig(kind, bottleneck_size=size, position=position, **kw))
     if randomise:
         torch.manual_seed(5)
         for layer in bottleneck_layers(model).values():

@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
 import sys
 
 import pytest
 import torch
 
 from gastune.engine import GastEngine, GastSettings
+from gastune.errors import GastuneError
 from gastune.methods.ist import scalable_modules, suppressed
 from gastune.models import find_decoder_blocks
 from gastune.tuners import bottleneck_layers, load_bottleneck
 from gastune.tuners.bottleneck import linear_shape
-from gastune.tuners.bottleneck_io import CONFIG_NAME, WEIGHTS_NAME
+from gastune.tuners.bottleneck_io import CONFIG_NAME, WEIGHTS_NAME, load_bottleneck_weights
 from tests.helpers import REPO, RecordingCollator, row_dataset, sgd_config, trainable
 from tests.unit.test_bottleneck import VARIANTS, adapted, logits, reference_output
 from tests.unit.test_engine import assert_matches_reference
@@ -143,6 +143,9 @@ def test_the_trainer_saves_only_the_adapter_and_resumes_exactly(tmp_path):
     _trainer(resumed, tmp_path / "a", max_steps=2).train(resume_from_checkpoint=str(ckpt))
     for name, value in trainable(whole).items():
         torch.testing.assert_close(resumed.get_parameter(name), value)
+    other = adapted("llama", "parallel", layers=2, size=4)  # another size: one line
+    with pytest.raises(GastuneError, match="another bottleneck size or model width"):
+        load_bottleneck_weights(other, ckpt)
 
 
 # ---------------------------------------------------------------- 2. gastune train, then gastune eval
@@ -188,7 +191,6 @@ def test_gastune_train_refuses_a_bad_bottleneck_in_one_line(tmp_path, capsys):
 
 # ---------------------------------------------------------------- 4. comparable
 def test_the_bench_grid_accepts_the_bottleneck_tuners():
-    from gastune.errors import GastuneError
     from gastune.experiments.grid import build_configs, grid_from_dict
 
     train = {"tuner": "parallel", "bottleneck_size": 64, "non_linearity": "relu"}
@@ -203,26 +205,18 @@ def test_the_bench_grid_accepts_the_bottleneck_tuners():
         build_configs(bad.settings(bad.runs()[0]))
 
 
-def test_step_cost_runs_with_a_bottleneck_tuner(tmp_path):
-    out = tmp_path / "cost.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "step_cost.py"), "--shape", "tiny", "--tuner", "series"]
-    cmd += ["--bottleneck-size", "8", "--methods", "lora,gast", "--batch", "4", "--seq", "8", "--k", "2"]
-    cmd += [
-        "--k-sup",
-        "2",
-        "--steps",
-        "1",
-        "--warmup",
-        "0",
-        "--rounds",
-        "1",
-        "--threads",
-        "1",
-        "--out",
-        str(out),
-    ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(out.read_text())
-    assert set(report["summary"]) == {"lora", "gast"} and report["settings"]["tuner"] == "series"
-    assert "series bottleneck 8" in done.stdout
+@pytest.mark.parametrize("kind", ["series", "parallel"])
+def test_step_cost_worker_runs_with_a_bottleneck_tuner(kind, monkeypatch, capsys):
+    """One step_cost.py worker, in this process (the parent only runs workers and divides)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("step_cost", REPO / "benchmarks" / "step_cost.py")
+    step_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(step_cost)
+    argv = ["step_cost.py", "--worker", "--method", "gast", "--shape", "tiny", "--tuner", kind]
+    argv += ["--bottleneck-size", "8", "--batch", "4", "--seq", "8", "--k", "2", "--k-sup", "2"]
+    monkeypatch.setattr(sys, "argv", [*argv, "--steps", "1", "--warmup", "0", "--threads", "1"])
+    step_cost.main()
+    line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("RESULT "))
+    result = json.loads(line[len("RESULT ") :])
+    assert result["method"] == "gast" and len(result["step_times_s"]) == 1

@@ -159,6 +159,12 @@ def load_adapter_weights(model: nn.Module, tensors: dict[str, torch.Tensor]) -> 
             f"saved adapter tensors do not match the model's adapters "
             f"(missing {sorted(expected - set(tensors))[:3]}, unexpected {sorted(set(tensors) - expected)[:3]})"
         )
+    wrong = [k for k, v in tensors.items() if v.shape != params[k].shape]
+    if wrong:
+        raise GastuneError(
+            f"saved adapter tensor '{wrong[0]}' is {tuple(tensors[wrong[0]].shape)}, the model's is "
+            f"{tuple(params[wrong[0]].shape)} (another bottleneck size or model width)"
+        )
     with torch.no_grad():
         for key, value in tensors.items():
             params[key].copy_(value.to(params[key].device))
