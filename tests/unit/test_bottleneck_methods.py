@@ -177,6 +177,34 @@ def test_gastune_train_then_eval_loads_the_adapter(tmp_path, kind, capsys):
     assert not torch.allclose(logits(model, batch), logits(base, batch))  # the trained adapter
     again = load_bottleneck(load_model(str(model_dir)), out).eval()
     assert torch.equal(logits(model, batch), logits(again, batch))  # the Python API agrees
+    # export: the adapter's own folder; --merge refuses tanh (not linear), leaving no folder
+    assert main(["export", "--adapter", str(out), "--out", str(tmp_path / "exp")]) == 0
+    exported = load_bottleneck(load_model(str(model_dir)), tmp_path / "exp").eval()
+    assert torch.equal(logits(exported, batch), logits(model, batch))
+    assert main(["export", "--adapter", str(out), "--out", str(tmp_path / "m"), "--merge"]) == 2
+    assert "non-linearity tanh cannot be merged" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_export_merges_an_identity_adapter_into_a_plain_model_folder(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from gastune.cli.export_cmd import export_adapter
+    from gastune.models import load_model
+    from gastune.tuners import BottleneckConfig, apply_bottleneck, save_bottleneck
+    from tests.unit._model_folder import save_tiny_llama
+
+    model_dir = save_tiny_llama(tmp_path / "model")
+    model = apply_bottleneck(
+        load_model(str(model_dir)), BottleneckConfig("series", 4, non_linearity="identity")
+    )
+    for layer in bottleneck_layers(model).values():
+        torch.nn.init.normal_(layer.adapter_up.weight, std=0.5)
+    save_bottleneck(model, tmp_path / "adapter")
+    export_adapter(tmp_path / "adapter", tmp_path / "merged", merge=True, model=str(model_dir))
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    batch = {"input_ids": torch.tensor([[1, 5, 9, 30]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    torch.testing.assert_close(logits(plain, batch), logits(model.eval(), batch), rtol=1e-4, atol=1e-5)
 
 
 def test_gastune_train_refuses_a_bad_bottleneck_in_one_line(tmp_path, capsys):

@@ -13,6 +13,10 @@ The base model is the one the adapter records (``gastune_config.json``), or ``--
 The embedded default base is SmolLM2-135M-Instruct de-quantised from its Q4_1 GGUF, not the
 hub's bf16 weights: a peft folder applied to the hub checkpoint gives close but not equal
 outputs; a merged folder carries the exact weights it was trained on.
+
+A series/parallel adapter (``gastune.tuners``) exports as its own folder (gastune loads it,
+peft does not); ``--merge`` folds it in exactly when its non-linearity is ``identity`` and is
+refused otherwise (a tanh adapter is not linear in its input).
 """
 
 from __future__ import annotations
@@ -62,10 +66,13 @@ def recorded_base(adapter: Path) -> str | None:
 
 
 def _check_folders(adapter: Path, out: Path) -> None:
-    if not (adapter / "adapter_config.json").is_file():
-        raise GastuneError(f"'{adapter}' is not a peft adapter folder (no adapter_config.json)")
-    if not any((adapter / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
-        raise GastuneError(f"'{adapter}' holds no adapter weights (adapter_model.safetensors)")
+    from gastune.tuners import is_bottleneck_folder
+
+    if not is_bottleneck_folder(adapter):  # else gastune's own series/parallel adapter
+        if not (adapter / "adapter_config.json").is_file():
+            raise GastuneError(f"'{adapter}' is not a peft adapter folder (no adapter_config.json)")
+        if not any((adapter / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin")):
+            raise GastuneError(f"'{adapter}' holds no adapter weights (adapter_model.safetensors)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise GastuneError(f"'{out}' exists and is not an empty folder; choose a new --out")
     if out.resolve() == adapter.resolve():
@@ -82,6 +89,8 @@ def export_adapter(
     """
     from gastune.models import load_model, load_tokenizer
     from gastune.models.portable import describe_base, make_portable
+    from gastune.tuners import is_bottleneck_folder, load_bottleneck, merge_bottleneck
+    from gastune.tuners.bottleneck_io import FILES as BOTTLENECK_FILES
 
     adapter, out = Path(adapter), Path(out)
     _check_folders(adapter, out)
@@ -95,7 +104,14 @@ def export_adapter(
         # The tokenizer saved with the adapter is the one it was trained with (pad token set).
         has_own = (adapter / "tokenizer_config.json").is_file()
         tokenizer = load_tokenizer(str(adapter) if has_own else base)
-        if merge:
+        if merge and is_bottleneck_folder(adapter):
+            # exact only for an identity non-linearity; merge_bottleneck refuses the others
+            merged = merge_bottleneck(load_bottleneck(load_model(base), adapter))
+            merged.save_pretrained(tmp)
+            (tmp / "gastune_export.json").write_text(
+                json.dumps({"merged_from": str(adapter), "base_model": describe_base(base)}, indent=2) + "\n"
+            )
+        elif merge:
             from peft import PeftModel
 
             peft_model = PeftModel.from_pretrained(load_model(base), str(adapter))
@@ -112,7 +128,7 @@ def export_adapter(
                 json.dumps({"merged_from": str(adapter), "base_model": describe_base(base)}, indent=2) + "\n"
             )
         else:
-            for name in _PEFT_FILES:
+            for name in (*_PEFT_FILES, *BOTTLENECK_FILES):
                 if (adapter / name).is_file():
                     shutil.copyfile(adapter / name, tmp / name)
         tokenizer.save_pretrained(tmp)

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from gastune.errors import GastuneError
+from gastune.tuners.bottleneck_io import FILES as BOTTLENECK_FILES
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ RUN_FILES = (
     "gastune_config.json",
     "trainer_state.json",
     "training_args.bin",
+    *BOTTLENECK_FILES,
 )
 
 

@@ -299,17 +299,6 @@ class GastuneMixin:
                 "was the checkpoint made with another --method?"
             ) from exc
 
-
-def _finished(progress: dict, args) -> bool:
-    """A checkpoint is the end of the run being asked for: its step reached its schedule's end,
-    and this run asks for no more steps or epochs than that schedule had."""
-    step, saved_max = progress.get("global_step") or 0, progress.get("max_steps") or 0
-    if not step or step < saved_max:
-        return False
-    if args.max_steps > 0:
-        return args.max_steps <= step
-    return args.num_train_epochs <= (progress.get("num_train_epochs") or 0)
-
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """A model with gastune's series/parallel adapters saves only those (the base model is
         a ``PreTrainedModel`` the Trainer would save whole); any other model as the Trainer does."""
@@ -331,6 +320,17 @@ def _finished(progress: dict, args) -> bool:
             load_bottleneck_weights(target, resume_from_checkpoint)
             return
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+
+def _finished(progress: dict, args) -> bool:
+    """A checkpoint is the end of the run being asked for: its step reached its schedule's end,
+    and this run asks for no more steps or epochs than that schedule had."""
+    step, saved_max = progress.get("global_step") or 0, progress.get("max_steps") or 0
+    if not step or step < saved_max:
+        return False
+    if args.max_steps > 0:
+        return args.max_steps <= step
+    return args.num_train_epochs <= (progress.get("num_train_epochs") or 0)
 
 
 def check_sharding(trainer) -> None:

@@ -37,6 +37,7 @@ from gastune.tuners.bottleneck import (
 CONFIG_NAME = "bottleneck_config.json"
 WEIGHTS_NAME = "bottleneck_model.safetensors"
 FORMAT = "gastune-bottleneck-adapter"
+FILES = (CONFIG_NAME, WEIGHTS_NAME)  # what a saved adapter folder holds
 
 
 def is_bottleneck_folder(folder: str | os.PathLike) -> bool:
