@@ -161,6 +161,8 @@ def test_bad_settings_fail_in_the_model_config_before_any_model_loads():
     with pytest.raises(GastuneError, match="unknown non-linearity"):
         ModelConfig(tuner="parallel", non_linearity="cubic")
     ModelConfig(tuner="lora", bottleneck_size=0)  # not a bottleneck tuner: not its business
+    with pytest.raises(GastuneError, match="does not train on a quantised base"):
+        ModelConfig(tuner="series", load_in_4bit=True)
 
 
 # ---------------------------------------------------------------- 2. save / load / merge

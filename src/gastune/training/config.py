@@ -90,6 +90,11 @@ class ModelConfig:
             raise GastuneError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.tuner in BOTTLENECK_TUNERS:
             self.bottleneck_settings()  # one-line errors now, not after the model is loaded
+            if self.load_in_4bit or self.load_in_8bit:  # the Trainer refuses a quantised non-peft model
+                raise GastuneError(
+                    f"--tuner {self.tuner} does not train on a quantised base (--load_in_4bit/8bit are "
+                    "for peft tuners: QLoRA); drop the flag or use --tuner lora"
+                )
 
     def bottleneck_settings(self) -> dict:
         """The keyword arguments ``apply_adapter`` takes for a series/parallel adapter."""
