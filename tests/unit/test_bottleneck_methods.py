@@ -248,3 +248,15 @@ def test_step_cost_worker_runs_with_a_bottleneck_tuner(kind, monkeypatch, capsys
     line = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("RESULT "))
     result = json.loads(line[len("RESULT ") :])
     assert result["method"] == "gast" and len(result["step_times_s"]) == 1
+
+
+def test_eval_refuses_a_diverged_bottleneck_adapter_in_one_line(tmp_path):
+    from gastune.eval.adapter_checks import check_adapter
+    from gastune.tuners import save_bottleneck
+
+    model = adapted("llama", "series", layers=1)
+    with torch.no_grad():
+        next(iter(bottleneck_layers(model).values())).adapter_up.weight[0, 0] = float("nan")
+    save_bottleneck(model, tmp_path / "a")
+    with pytest.raises(GastuneError, match="non-finite values"):
+        check_adapter(str(tmp_path / "a"), "llama")
