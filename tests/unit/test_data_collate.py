@@ -79,21 +79,19 @@ def test_truncation_cuts_from_the_right_including_the_eos(tok, caplog):
     assert "1 of 1 records were cut to cutoff_len=4" in caplog.text
 
 
-def test_records_that_lose_every_target_token_are_counted_kept_or_dropped(tok, caplog):
+def test_records_that_lose_every_target_token_are_counted_and_dropped(tok, caplog):
+    """Never trained on their prompt alone, whatever train_on_prompt says."""
     records = [
         {"prompt": "q a b c ", "completion": "d"},  # prompt alone fills cutoff_len=4
         {"prompt": "q ", "completion": "e"},
         {"prompt": "q a b c d ", "completion": "e"},  # prompt longer than cutoff_len
     ]
-    with caplog.at_level(logging.WARNING, logger="gastune.data.collate"):
-        kept = tokenize_records(records, tok, cutoff_len=4, train_on_prompt=True)
-    assert [i["input_ids"] for i in kept] == [[Q, A, B, C], [Q, E, EOS], [Q, A, B, C]]
-    assert "2 of 3 records lost every completion token to cutoff_len=4; kept them" in caplog.text
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="gastune.data.collate"):
-        dropped = tokenize_records(records, tok, cutoff_len=4, train_on_prompt=False)
-    assert dropped == [{"input_ids": [Q, E, EOS], "attention_mask": [1, 1, 1], "labels": [M, E, EOS]}]
-    assert "2 of 3 records lost every completion token to cutoff_len=4; dropped them" in caplog.text
+    for train_on_prompt, labels in ((True, [Q, E, EOS]), (False, [M, E, EOS])):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="gastune.data.collate"):
+            items = tokenize_records(records, tok, cutoff_len=4, train_on_prompt=train_on_prompt)
+        assert items == [{"input_ids": [Q, E, EOS], "attention_mask": [1, 1, 1], "labels": labels}]
+        assert "2 of 3 records lost every completion token to cutoff_len=4; dropped them" in caplog.text
 
 
 def test_errors(tok):

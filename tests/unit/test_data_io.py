@@ -170,7 +170,7 @@ def test_missing_fields_name_the_expected_schema(tmp_path, row, message):
     ("row", "field", "kind"),
     [
         ({"prompt": "x", "completion": 4}, "completion", "int"),
-        ({"prompt": ["x"], "completion": "y"}, "prompt", "list"),
+        ({"prompt": 3, "completion": "y"}, "prompt", "int"),  # a list is chat: test_data_chat.py
         ({"instruction": "x", "input": 1.5, "output": "y"}, "input", "float"),
         ({"text": {"a": 1}}, "text", "dict"),
         ({"prompt": "x", "completion": "y", "task": 3}, "task", "int"),
@@ -262,7 +262,7 @@ def test_cli_check(tmp_path, capsys):
     path = _write_jsonl(tmp_path / "d.jsonl", [INSTRUCTION, PROMPT, TEXT])
     assert main(["data", "check", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "3 records (2 with a prompt, 1 plain text)" in out and "math: 1" in out
+    assert "3 records (2 with a prompt, 1 plain text, 0 chat)" in out and "math: 1" in out
     _write_jsonl(path, [PROMPT, {"prompt": 1}])
     assert main(["data", "check", str(path)]) == 2
     assert "d.jsonl line 2: field 'prompt' must be a string, got int" in capsys.readouterr().err

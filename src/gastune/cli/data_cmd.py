@@ -63,8 +63,18 @@ def add_parser(subparsers) -> None:
         help="skip the first N of each task's seeded sample: with N = a training run's --per-task "
         "(same --seed), a held-out part of the split disjoint from its training sample",
     )
-    check = sub.add_parser("check", help="validate a training data file (.json, .jsonl or a saved dataset)")
+    check = sub.add_parser(
+        "check",
+        help="validate a training data file (.json, .jsonl or a saved dataset) and count its records",
+        description="Validate a training data file and count its records. With --model, also "
+        "tokenise it as 'gastune train' would (chat records through the model's chat template) "
+        "and count the records that cutoff_len would cut or leave with no answer token.",
+    )
     check.add_argument("source", help="the file or folder to read")
+    check.add_argument("--model", default=None, help="also tokenise with this model's tokenizer")
+    check.add_argument(
+        "--cutoff_len", type=int, default=None, help="with --model (default: gastune train's default)"
+    )
     parser.set_defaults(run=run)
 
 
@@ -101,14 +111,39 @@ def _run_commonsense(args: argparse.Namespace) -> int:
 
 
 def _run_check(args: argparse.Namespace) -> int:
+    from gastune.data.chat import is_chat
     from gastune.data.io import load_records
 
     records = load_records(args.source)
-    with_prompt = sum(1 for r in records if r["prompt"])
+    chat = [r for r in records if is_chat(r)]
+    with_prompt = sum(1 for r in records if not is_chat(r) and r["prompt"])
+    plain = len(records) - len(chat) - with_prompt
     print(
-        f"{args.source}: {len(records)} records ({with_prompt} with a prompt, {len(records) - with_prompt} plain text)"
+        f"{args.source}: {len(records)} records ({with_prompt} with a prompt, {plain} plain text, {len(chat)} chat)"
     )
+    if chat:
+        turns = [m for r in chat for m in (r.get("messages") or [*r["prompt"], *r["completion"]])]
+        assistant = sum(1 for m in turns if m["role"] == "assistant")
+        print(f"  chat: {len(turns)} turns, {assistant} assistant turns")
     tasks = Counter(r["task"] for r in records if "task" in r)
     for task, n in tasks.most_common():
         print(f"  {task}: {n}")
+    if args.model is not None:
+        _check_tokens(records, args)
     return 0
+
+
+def _check_tokens(records: list[dict], args: argparse.Namespace) -> None:
+    from gastune.data.collate import tokenize_records
+    from gastune.models import load_tokenizer
+    from gastune.training.config import DataConfig
+
+    cutoff = args.cutoff_len or DataConfig.cutoff_len
+    full = tokenize_records(records, load_tokenizer(args.model), cutoff_len=2**31 - 1)
+    cut = sum(1 for item in full if len(item["input_ids"]) > cutoff)
+    kept = tokenize_records(records, load_tokenizer(args.model), cutoff_len=cutoff)
+    longest = max(len(item["input_ids"]) for item in full)
+    print(
+        f"  tokens ({args.model}): longest {longest}; cutoff_len={cutoff} cuts {cut} records and "
+        f"drops {len(records) - len(kept)} that would keep no answer token"
+    )

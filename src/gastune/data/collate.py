@@ -1,9 +1,10 @@
-"""Tokenise prompt/completion records for causal-LM training and pad them into batches.
+"""Tokenise prompt/completion and chat records for causal-LM training and pad them into batches.
 
 A training sequence is ``prompt + completion + EOS``, tokenised jointly (as the log-likelihood
 evaluator does), so a token that merges across the prompt/completion boundary counts as part
 of the completion. ``labels`` equal ``input_ids`` (loss over prompt and answer, as in
-LLM-Adapters) or carry -100 on prompt tokens with ``train_on_prompt=False``.
+LLM-Adapters) or carry -100 on prompt tokens with ``train_on_prompt=False``. Chat records are
+rendered by the model's chat template (``gastune.data.chat``).
 """
 
 from __future__ import annotations
@@ -13,30 +14,33 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from gastune.data.chat import chat_token_labels, is_chat
 from gastune.data.io import normalize_record
-from gastune.data.tokens import common_prefix, leading_special_ids
+from gastune.data.tokens import IGNORE_INDEX, common_prefix, leading_special_ids
 from gastune.errors import GastuneError
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["IGNORE_INDEX", "CausalLMCollator", "TokenizedDataset", "tokenize_records"]
 
-IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 _SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels")
 
 
 def tokenize_records(
     records: Sequence[Mapping],
     tokenizer,
-    cutoff_len: int = 256,
+    cutoff_len: int = 1024,
     train_on_prompt: bool = True,
+    chat_loss: str = "assistant",
 ) -> list[dict]:
     """``input_ids`` / ``attention_mask`` / ``labels`` lists for each record, cut to ``cutoff_len``.
 
     ``records`` are ``{"prompt", "completion"}`` dicts (``load_records``) or any schema that
-    ``normalize_record`` accepts (e.g. ``load_commonsense`` records). A record whose prompt
-    alone fills ``cutoff_len`` keeps no target token: such records are counted and logged; with
-    ``train_on_prompt=False`` they would carry no loss at all, so they are dropped.
+    ``normalize_record`` accepts (e.g. ``load_commonsense`` records, trl's chat formats). Chat
+    records are rendered by the tokenizer's chat template and train on their assistant turns
+    (``chat_loss="assistant"``) or on every token (``"all"``); ``train_on_prompt`` applies to
+    the other records. A record whose answer (completion, or assistant turns) loses every
+    token to ``cutoff_len`` is dropped, with a logged count: it would train on its prompt only.
 
     Example:
         >>> items = tokenize_records([{"prompt": "Q: 2+2?\\nA: ", "completion": "4"}], tokenizer)  # doctest: +SKIP
@@ -58,45 +62,58 @@ def tokenize_records(
     ]
     if not normalised:
         raise GastuneError("no records to tokenize")
-    lead = leading_special_ids(tokenizer)
-    prompts = tokenizer([r["prompt"] for r in normalised], add_special_tokens=False)["input_ids"]
-    fulls = tokenizer([r["prompt"] + r["completion"] for r in normalised], add_special_tokens=False)[
-        "input_ids"
-    ]
+    sequences = _text_sequences(normalised, tokenizer, eos, train_on_prompt)
+    for i, r in enumerate(normalised):
+        if is_chat(r):
+            ids, labels, target = chat_token_labels(r, tokenizer, chat_loss, f"record {i + 1}")
+            sequences[i] = (ids, labels, target.index(True) if True in target else len(ids))
     items, truncated, no_target = [], 0, 0
-    for prompt_ids, full_ids in zip(prompts, fulls):
-        ids = [*lead, *full_ids, eos]
-        # Where the completion starts: the joint tokens shared with the prompt alone.
-        start = len(lead) + common_prefix(prompt_ids, full_ids)
+    for ids, labels, start in sequences:
         if len(ids) > cutoff_len:
             truncated += 1
-            ids = ids[:cutoff_len]
-        if start >= len(ids):
+            ids, labels = ids[:cutoff_len], labels[:cutoff_len]
+        if start >= len(ids):  # no answer token left: it would train on its prompt alone
             no_target += 1
-            if not train_on_prompt:
-                continue
-        labels = list(ids) if train_on_prompt else [IGNORE_INDEX] * start + ids[start:]
+            continue
         items.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
     if truncated:
         logger.info(
             "%d of %d records were cut to cutoff_len=%d tokens", truncated, len(normalised), cutoff_len
         )
     if no_target:
-        action = (
-            "dropped them (no loss left)"
-            if not train_on_prompt
-            else "kept them (they train on prompt tokens only)"
-        )
         logger.warning(
-            "%d of %d records lost every completion token to cutoff_len=%d; %s",
+            "%d of %d records lost every completion token to cutoff_len=%d; dropped them "
+            "(raise cutoff_len to keep them)",
             no_target,
             len(normalised),
             cutoff_len,
-            action,
         )
     if not items:
         raise GastuneError(f"no record keeps a completion token within cutoff_len={cutoff_len}; raise it")
     return items
+
+
+def _text_sequences(records: Sequence[Mapping], tokenizer, eos: int, train_on_prompt: bool) -> list:
+    """``(ids, labels, answer_start)`` of each prompt/completion record (``None`` for chat records).
+
+    A sequence is ``leading specials + prompt + completion + EOS``, tokenised jointly; the
+    answer starts where the joint tokens part from those of the prompt alone.
+    """
+    out: list = [None] * len(records)
+    text = [i for i, r in enumerate(records) if not is_chat(r)]
+    if not text:
+        return out
+    lead = leading_special_ids(tokenizer)
+    prompts = tokenizer([records[i]["prompt"] for i in text], add_special_tokens=False)["input_ids"]
+    fulls = tokenizer(
+        [records[i]["prompt"] + records[i]["completion"] for i in text], add_special_tokens=False
+    )["input_ids"]
+    for i, prompt_ids, full_ids in zip(text, prompts, fulls):
+        ids = [*lead, *full_ids, eos]
+        start = len(lead) + common_prefix(prompt_ids, full_ids)
+        labels = list(ids) if train_on_prompt else [IGNORE_INDEX] * start + ids[start:]
+        out[i] = (ids, labels, start)
+    return out
 
 
 class CausalLMCollator:
@@ -174,11 +191,26 @@ class TokenizedDataset(torch.utils.data.Dataset):
 
     @classmethod
     def from_records(
-        cls, records: Sequence[Mapping], tokenizer, cutoff_len: int = 256, train_on_prompt: bool = True
+        cls,
+        records: Sequence[Mapping],
+        tokenizer,
+        cutoff_len: int = 1024,
+        train_on_prompt: bool = True,
+        chat_loss: str = "assistant",
     ) -> TokenizedDataset:
-        """Tokenise ``records`` (see ``tokenize_records``) into a dataset."""
+        """Tokenise ``records`` (see ``tokenize_records``) into a dataset.
+
+        Example:
+            >>> ds = TokenizedDataset.from_records([{"prompt": "2+2=", "completion": "4"}], tokenizer)  # doctest: +SKIP
+        """
         return cls(
-            tokenize_records(records, tokenizer, cutoff_len=cutoff_len, train_on_prompt=train_on_prompt)
+            tokenize_records(
+                records,
+                tokenizer,
+                cutoff_len=cutoff_len,
+                train_on_prompt=train_on_prompt,
+                chat_loss=chat_loss,
+            )
         )
 
     def __len__(self) -> int:

@@ -6,10 +6,13 @@ a line) or a folder written by ``datasets.Dataset.save_to_disk``, in any of thre
 - ``instruction`` / ``input`` (optional) / ``output`` (/ ``answer``): the LLM-Adapters and
   Alpaca records; the prompt is ``format_prompt(instruction, input)``;
 - ``prompt`` / ``completion``;
-- ``text``: plain text, all of it a training target.
+- ``text``: plain text, all of it a training target;
+- trl's conversational formats, ``messages`` or message-list ``prompt``/``completion``
+  (``gastune.data.chat``; the model's chat template formats them at tokenisation).
 
 Every record becomes ``{"prompt": str, "completion": str}`` (keeping ``task`` and ``answer``
-when present); every problem is a ``GastuneError`` naming the file and the record or line.
+when present), a chat record its validated messages; every problem is a ``GastuneError``
+naming the file and the record or line.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from gastune.data.chat import is_chat, normalize_chat
 from gastune.data.prompts import format_prompt
 from gastune.errors import GastuneError
 
 __all__ = ["SCHEMAS", "load_records", "normalize_record", "record_file_format", "write_records"]
 
-SCHEMAS = "instruction/input/output, prompt/completion, or text"
+SCHEMAS = "instruction/input/output, prompt/completion, text, or chat messages"
 _KEPT = ("task", "answer")  # optional fields carried through to the normalised record
 
 
@@ -73,6 +77,8 @@ def normalize_record(record: Any, where: str = "record") -> dict:
     """
     if not isinstance(record, Mapping):
         raise GastuneError(f"{where}: expected an object with fields {SCHEMAS}, got {_type_name(record)}")
+    if is_chat(record):  # trl's conversational formats
+        return normalize_chat(record, where)
     present = {key for key, value in record.items() if value is not None}
     if present & {"instruction", "output"}:
         schema = "instruction/input/output (needs 'instruction' and 'output'; 'input' is optional)"

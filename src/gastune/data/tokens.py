@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
+
 
 def leading_special_ids(tokenizer) -> list[int]:
     """The ids the tokenizer puts before any text (e.g. BOS); trailing ones (EOS) are not kept."""

@@ -107,7 +107,11 @@ def build_dataset(records: list[dict], tokenizer, data_cfg: DataConfig):
     from gastune.data import TokenizedDataset
 
     return TokenizedDataset.from_records(
-        records, tokenizer, cutoff_len=data_cfg.cutoff_len, train_on_prompt=data_cfg.train_on_prompt
+        records,
+        tokenizer,
+        cutoff_len=data_cfg.cutoff_len,
+        train_on_prompt=data_cfg.train_on_prompt,
+        chat_loss=data_cfg.chat_loss,
     )
 
 
