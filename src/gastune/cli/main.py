@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sparse parameter-efficient fine-tuning of causal LMs: GAST and its baselines.",
         epilog="Run 'gastune COMMAND --help' for a command's options.",
     )
+    from gastune import __version__
+
+    parser.add_argument("--version", action="version", version=f"gastune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for module_name in SUBCOMMANDS.values():
         try:

@@ -3,6 +3,8 @@
 Examples:
     gastune train --method gast --per_task 100 --max_steps 50 --output_dir runs/gast
     gastune train --config configs/gast.yaml --learning_rate 1e-4
+
+``--help`` prints gastune's options first, then the Trainer's (``gastune.cli.train_help``).
 """
 
 from __future__ import annotations
@@ -17,9 +19,8 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "train",
-        help="fine-tune a causal LM (any Trainer flag; --config FILE.yaml)",
-        add_help=False,
-        description=__doc__,
+        help="fine-tune a causal LM with GAST, a baseline or dense LoRA (--config FILE.yaml, any Trainer flag)",
+        add_help=False,  # --help is gastune.cli.train_help's, printed by run()
     )
     p.set_defaults(run=run, passthrough=True)
 
@@ -50,6 +51,11 @@ def run(args) -> int:
     from gastune.cli.config_args import parse_train_args
     from gastune.training.run import train
 
+    if "-h" in args.argv or "--help" in args.argv:
+        from gastune.cli.train_help import train_help_parser
+
+        print(train_help_parser().format_help())
+        return 0
     model_cfg, data_cfg, config = parse_train_args(args.argv)
     result = train(model_cfg, data_cfg, config)
     if result.trainer.is_world_process_zero():  # one line for the run, not one per rank

@@ -267,6 +267,15 @@ class GastuneConfig(TrainingArguments):
             "before the run fails."
         },
     )
+    # transformers' default (every 500 steps) shows nothing of a short run; a fraction is of the
+    # run's optimizer steps, rounded up: 0.02 logs every step up to 50 steps, 50 times in all beyond.
+    logging_steps: float = field(
+        default=0.02,
+        metadata={
+            "help": "Log loss and method statistics (gast/*) every N optimizer steps, or a fraction < 1 "
+            "of the run (default 0.02: every step of a run up to 50 steps, 50 logs in all beyond)."
+        },
+    )
 
     def __post_init__(self) -> None:
         self._check_before_trainer_arguments()
