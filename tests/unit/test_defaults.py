@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 GAST_KEYS = ("gast/alignment_chosen", "gast/negative_pick_frac", "gast/usage_cv", "gast/unused_frac")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer():
     return load_tokenizer("smollm2-135m")
 
