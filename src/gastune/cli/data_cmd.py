@@ -8,6 +8,7 @@ Usage:
     gastune data commonsense --out noisy.json --per-task 96 --seed 0 --label-noise 0.3
     gastune data commonsense --out support.json --per-task 8 --skip-per-task 96 --seed 0
     gastune data check my_data.jsonl
+    gastune data check chat.jsonl --model smollm2-135m --cutoff_len 512
 """
 
 from __future__ import annotations
@@ -139,9 +140,10 @@ def _check_tokens(records: list[dict], args: argparse.Namespace) -> None:
     from gastune.training.config import DataConfig
 
     cutoff = args.cutoff_len or DataConfig.cutoff_len
-    full = tokenize_records(records, load_tokenizer(args.model), cutoff_len=2**31 - 1)
+    tokenizer = load_tokenizer(args.model)
+    full = tokenize_records(records, tokenizer, cutoff_len=2**31 - 1)  # nothing cut
     cut = sum(1 for item in full if len(item["input_ids"]) > cutoff)
-    kept = tokenize_records(records, load_tokenizer(args.model), cutoff_len=cutoff)
+    kept = tokenize_records(records, tokenizer, cutoff_len=cutoff)
     longest = max(len(item["input_ids"]) for item in full)
     print(
         f"  tokens ({args.model}): longest {longest}; cutoff_len={cutoff} cuts {cut} records and "
