@@ -234,3 +234,21 @@ def test_gast_step_on_multi_turn_chat_equals_reference(tok, monkeypatch, tmp_pat
     # selection mattered: a dense step would have moved some adapter elsewhere
     dense = reference_gast_gradients(before, batch, args.gast_settings().__class__(k=4), None, seeds[0])
     assert any(not torch.allclose(dense[key], grad, atol=1e-6) for key, grad in ref.items())
+
+
+def test_gastune_train_with_a_model_without_a_chat_template_is_one_line(tmp_path, capsys):
+    model = save_tiny_llama(tmp_path / "model")
+    (model / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((model / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (model / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load_tokenizer(str(model)).chat_template is None
+    path = _jsonl(tmp_path / "chat.jsonl", [{"messages": CHAT}] * 4)
+    out = tmp_path / "run"
+    argv = ["train", "--model", str(model), "--data", str(path), "--max_steps", "1", "--output_dir", str(out)]
+    capsys.readouterr()  # the model's save progress bars
+    assert main([*argv, "--use_cpu", "true", "--report_to", "none"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert "has no chat template, so chat records cannot be formatted" in err
+    assert not out.exists()
