@@ -18,7 +18,7 @@ from gastune.engine.gast import GastEngine
 from gastune.engine.reference import reference_gast_gradients
 from gastune.errors import GastuneError
 from gastune.models import load_tokenizer
-from gastune.training import GastuneTrainer
+from gastune.training import DataConfig, GastuneTrainer
 from gastune.training.adapters import build_peft_config
 from tests.conftest import tiny_llama_for
 from tests.helpers import LR, trainable
@@ -89,6 +89,8 @@ def test_chat_loss_all_trains_on_every_token(tok):
     assert item["labels"] == item["input_ids"]
     with pytest.raises(GastuneError, match="unknown chat loss 'everything'"):
         tokenize_records([{"messages": CHAT}], tok, chat_loss="everything")
+    with pytest.raises(GastuneError, match="chat_loss must be one of assistant, all, got 'everything'"):
+        DataConfig(chat_loss="everything")
 
 
 def test_a_cut_that_leaves_no_assistant_token_drops_the_record_with_a_count(tok, caplog):

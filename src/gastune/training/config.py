@@ -148,7 +148,7 @@ class DataConfig:
     )
     chat_loss: str = field(
         default="assistant",
-        metadata={"help": "Chat data ('messages'): loss on the assistant turns, or 'all' tokens."},
+        metadata={"help": "Chat data: 'assistant' (loss on the assistant turns) or 'all' (every token)."},
     )
     support_data: str | None = field(
         default=None,
