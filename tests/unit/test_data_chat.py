@@ -111,6 +111,17 @@ def test_a_model_without_a_chat_template_is_one_clear_error(tok):
     assert tokenize_records([{"prompt": "Q: ", "completion": "A"}], plain)
 
 
+def test_a_template_that_is_not_prefix_stable_needs_chat_loss_all(tok):
+    odd = copy.deepcopy(tok)  # marks the last turn, so a conversation's beginning renders differently
+    odd.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{% if loop.last %} END{% endif %}\n{% endfor %}"
+    with pytest.raises(
+        GastuneError, match=r"record 1: .* not render the conversation before turn 3 .* use --chat_loss all"
+    ):
+        tokenize_records([{"messages": CHAT}], odd)
+    (item,) = tokenize_records([{"messages": CHAT}], odd, chat_loss="all")
+    assert item["labels"] == item["input_ids"] and odd.decode(item["input_ids"]).endswith("12. END")
+
+
 # ---- bad records: one line naming the line -----------------------------------------------------
 
 BAD = [

@@ -103,25 +103,35 @@ def chat_token_labels(record: Mapping, tokenizer, loss: str = "assistant", where
     for i in range(first_target, len(messages)):
         if messages[i]["role"] != "assistant":
             continue
-        start = _boundary(tokenizer, messages[:i], True, full, ids, where, i)
-        end = (
-            len(ids)
-            if i == len(messages) - 1
-            else _boundary(tokenizer, messages[: i + 1], False, full, ids, where, i)
-        )
+        try:
+            start = _boundary(tokenizer, messages[:i], True, full, ids, where)
+            end = (
+                len(ids)
+                if i == len(messages) - 1
+                else _boundary(tokenizer, messages[: i + 1], False, full, ids, where)
+            )
+        except _NotAPrefix:
+            if loss == "all":  # no turn boundaries needed: the whole conversation is the target
+                target = [True] * len(ids)
+                break
+            raise GastuneError(
+                f"{where}: the model's chat template does not render the conversation before turn {i + 1} "
+                "as a prefix of the whole, so the assistant tokens cannot be located; use --chat_loss all"
+            ) from None
         target[start:end] = [True] * (end - start)
     labels = list(ids) if loss == "all" else [t if keep else IGNORE_INDEX for t, keep in zip(ids, target)]
     return ids, labels, target
 
 
-def _boundary(tokenizer, prefix: list, header: bool, full: str, ids: list[int], where: str, turn: int) -> int:
+class _NotAPrefix(Exception):
+    """The template renders a conversation's beginning differently from the whole."""
+
+
+def _boundary(tokenizer, prefix: list, header: bool, full: str, ids: list[int], where: str) -> int:
     """Token index in ``ids`` where the rendering of ``prefix`` ends (a token merging across it moves left)."""
     text = _render(tokenizer, prefix, header, where) if prefix else ""
     if not full.startswith(text):
-        raise GastuneError(
-            f"{where}: the model's chat template does not render the conversation before turn {turn + 1} "
-            "as a prefix of the whole, so the assistant tokens cannot be located; use --chat_loss all"
-        )
+        raise _NotAPrefix
     return common_prefix(_ids(tokenizer, text), ids) if text else 0
 
 
