@@ -285,9 +285,6 @@ class GastuneConfig(TrainingArguments):
             if isinstance(exc, GastuneError):
                 raise
             raise GastuneError(" ".join(str(exc).split())) from exc
-        no_steps = self.max_steps == 0 or (self.max_steps < 0 and self.num_train_epochs == 0)
-        if no_steps and 0 < self.logging_steps < 1:
-            self.logging_steps = 1  # a fraction of 0 steps would round to 0, which the Trainer divides by
         if self.method not in METHODS:
             raise GastuneError(f"unknown method '{self.method}'; choose one of {', '.join(sorted(METHODS))}")
         if self.gast_support not in ("train", "heldout", "batch"):
