@@ -175,8 +175,6 @@ class DataConfig:
         check_fraction(self.label_noise)
         if self.support_per_task < 1:
             raise GastuneError(f"support_per_task must be >= 1, got {self.support_per_task}")
-
-    def __post_init__(self) -> None:
         if self.chat_loss not in CHAT_LOSSES:
             raise GastuneError(f"chat_loss must be one of {', '.join(CHAT_LOSSES)}, got '{self.chat_loss}'")
 
