@@ -158,3 +158,23 @@ def record_reference_choices(monkeypatch) -> list[list[int]]:
 
     monkeypatch.setattr(reference, "choose_samples", recording_choose)
     return chosen
+
+
+def short_run(output_dir, method: str) -> GastuneConfig:
+    """8 steps of 4 rows at a constant learning rate, on the CPU."""
+    return GastuneConfig(
+        output_dir=str(output_dir),
+        method=method,
+        max_steps=8,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+        gast_k=2,
+        gast_support_size=2,
+        use_cpu=True,
+        dataloader_drop_last=True,
+        disable_tqdm=True,
+    )

@@ -18,7 +18,7 @@ from gastune.models import load_tokenizer
 from gastune.training import DataConfig, GastuneConfig, ModelConfig
 from gastune.training.adapters import apply_adapter
 from gastune.training.run import build_dataset, load_base_model, load_training_records, train
-from tests.helpers import record_reference_choices
+from tests.helpers import record_reference_choices, short_run
 
 pytestmark = pytest.mark.integration
 pytest.importorskip("bitsandbytes", reason="the qlora extra (bitsandbytes) is not installed")
@@ -28,22 +28,7 @@ LAYERS = 4
 
 
 def test_real_model_trains_gast_on_a_4bit_base_and_loss_drops(tmp_path):
-    config = GastuneConfig(
-        output_dir=str(tmp_path / "gast"),
-        method="gast",
-        max_steps=8,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        gast_k=2,
-        gast_support_size=2,
-        use_cpu=True,
-        dataloader_drop_last=True,
-        disable_tqdm=True,
-    )
+    config = short_run(tmp_path / "gast", "gast")
     model_cfg = ModelConfig(lora_r=8, lora_alpha=16, lora_dropout=0.0, load_in_4bit=True)
     result = train(model_cfg, DATA, config)
     q = result.model.base_model.model.model.layers[0].self_attn.q_proj.base_layer

@@ -8,30 +8,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gastune.training import DataConfig, GastuneConfig, ModelConfig
+from gastune.training import DataConfig, ModelConfig
 from gastune.training.run import train
+from tests.helpers import short_run
 
 pytestmark = pytest.mark.integration
-
-
-def short_run(output_dir, method: str) -> GastuneConfig:
-    """8 steps of 4 rows at a constant learning rate, on the CPU."""
-    return GastuneConfig(
-        output_dir=str(output_dir),
-        method=method,
-        max_steps=8,
-        per_device_train_batch_size=4,
-        learning_rate=1e-3,
-        lr_scheduler_type="constant",
-        logging_steps=1,
-        save_strategy="no",
-        seed=0,
-        gast_k=2,
-        gast_support_size=2,
-        use_cpu=True,
-        dataloader_drop_last=True,
-        disable_tqdm=True,
-    )
 
 
 DATA = DataConfig(tasks="boolq,arc_easy", per_task=16, cutoff_len=128)
