@@ -80,6 +80,37 @@ def test_fused_loss_equals_plain(family, bf16):
     assert "forward" not in model.get_output_embeddings().__dict__  # the swap was undone
 
 
+def test_fused_loss_projects_only_tokens_with_a_target(monkeypatch):
+    # Loss on the response alone: most positions have no target. The output projection must
+    # see only the positions that do, and losses and gradients must not change.
+    batch = make_batch(n=4, t=12)
+    batch["labels"][:, :8] = -100  # a long "prompt"
+    batch["labels"][1] = -100  # a row with no target at all
+    model = lora()
+    plain, g_plain = losses_and_grads(model, batch, fused=False)
+    from gastune.engine import fused_loss
+
+    seen = []
+    real_linear = fused_loss.F.linear
+
+    def counting_linear(x, weight, bias=None):
+        if weight is model.get_output_embeddings().weight:
+            seen.append(x.shape[0])
+        return real_linear(x, weight, bias)
+
+    monkeypatch.setattr(fused_loss.F, "linear", counting_linear)
+    fused, g_fused = losses_and_grads(model, batch, fused=True)
+    with_target = int((batch["labels"][:, 1:] != -100).sum())
+    assert 0 < with_target < batch["labels"].numel() // 2
+    assert sum(seen) == with_target  # one forward over exactly those rows (fp32: no recompute)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+    assert fused[1] == 0
+    for name in g_plain:
+        torch.testing.assert_close(
+            g_fused[name], g_plain[name], rtol=1e-4, atol=1e-6 * g_plain[name].abs().max()
+        )
+
+
 def test_fused_loss_with_gradient_checkpointing():
     batch = make_batch(n=3)
     _, plain = losses_and_grads(lora(), batch, fused=False)

@@ -105,9 +105,20 @@ def fused_token_losses(hidden: torch.Tensor, head: nn.Linear, labels: torch.Tens
     n, t, h = hidden.shape
     targets, weights = shifted_targets(labels)
     want_grad = torch.is_grad_enabled() and hidden.requires_grad
+    flat = hidden.reshape(n * t, h)
+    # Only tokens with a target reach the output projection: with the loss on the response
+    # alone (the default), prompt and padding tokens are most of the batch, and their
+    # vocabulary-wide matmul (forward and backward) would be spent on a zero loss.
+    rows = (targets != -100).nonzero().squeeze(1)
+    if rows.numel() == n * t:
+        rows = None
+    else:
+        flat, targets = flat.index_select(0, rows), targets.index_select(0, rows)
     token_loss = _FusedLinearCE.apply(
-        hidden.reshape(n * t, h), head.weight, head.bias, targets, chunk_rows(head.out_features), want_grad
+        flat, head.weight, head.bias, targets, chunk_rows(head.out_features), want_grad
     )
+    if rows is not None:
+        token_loss = token_loss.new_zeros(n * t).index_put((rows,), token_loss)
     return (token_loss * weights.to(token_loss.device)).view(n, t).sum(dim=1)
 
 
