@@ -47,9 +47,16 @@ from gastune.yaml_file import read_yaml
 
 # Set by the runner for every run; a grid cannot override them.
 RESERVED = ("method", "seed", "output_dir")
-# Defaults for every run that a grid may override: no mid-run checkpoints (an experiment
-# keeps only the final adapter), no experiment trackers.
-RUN_DEFAULTS: dict[str, Any] = {"save_strategy": "no", "report_to": "none", "logging_steps": 5}
+# Defaults for every run that a grid may override: a checkpoint every 16 optimizer steps (the
+# last 2 kept, deleted once the run's result file is written), from which an interrupted run
+# resumes (gastune.experiments.resume); no experiment trackers.
+RUN_DEFAULTS: dict[str, Any] = {
+    "save_strategy": "steps",
+    "save_steps": 16,
+    "save_total_limit": 2,
+    "report_to": "none",
+    "logging_steps": 5,
+}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")  # what a user means as a number
 

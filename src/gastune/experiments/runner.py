@@ -32,6 +32,7 @@ from typing import Any
 
 from gastune.errors import GastuneError
 from gastune.experiments.grid import Grid, RunSpec, build_configs, grid_from_dict
+from gastune.experiments.resume import clear_checkpoints, plan_run_dir
 from gastune.provenance import provenance, write_json
 
 logger = logging.getLogger(__name__)
@@ -62,21 +63,50 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _meter():
-    """A Trainer callback timing each optimizer step and reading peak memory at the end."""
+def _meter(saved: dict[str, Any] | None = None):
+    """A Trainer callback timing each optimizer step and reading peak memory at the end.
+
+    Its state (every step's time, the training wall clock and the summed train loss up to
+    the step) is saved in each checkpoint's ``trainer_state.json`` (``ExportableState``), so a
+    resumed run (``saved``: that state) still reports every step. It has the Trainer log at
+    each checkpoint step, so that the summed loss covers exactly the steps saved.
+    """
     import torch
     from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
 
-    class Meter(TrainerCallback):
+    class BenchMeter(TrainerCallback, ExportableState):
         def __init__(self):
-            self.step_times: list[float] = []
+            earlier = saved or {}
+            self.step_times: list[float] = list(earlier.get("step_times", []))
+            self.wall_before = float(earlier.get("wall_s", 0.0))  # earlier segments' training
+            self.loss_sum = float(earlier.get("loss_sum", 0.0))  # Σ per-step train loss so far
+            self.segments: list[dict] = list(earlier.get("segments", []))
+            self.first_step = len(self.step_times)
+            self.logged_step = self.first_step
             self.peak_rss: int | None = None
             self.peak_cuda: int | None = None
             self.rss_reset = False
+            self._begin = time.perf_counter()
+
+        def state(self) -> dict:
+            step = len(self.step_times)
+            now = time.perf_counter() - self._begin
+            segment = {"from_step": self.first_step, "to_step": step, "seconds": now}
+            return {
+                "args": {},
+                "attributes": {
+                    "step_times": self.step_times,
+                    "wall_s": self.wall_before + now,
+                    "loss_sum": self.loss_sum,
+                    "segments": [*self.segments, segment],
+                },
+            }
 
         def on_train_begin(self, args, state, control, **kwargs):
             # The model is loaded by now: the peak from here on is training's own.
             self.rss_reset = reset_peak_rss()
+            self._begin = time.perf_counter()
             if torch.cuda.is_available():
                 torch.cuda.reset_peak_memory_stats()
 
@@ -87,13 +117,22 @@ def _meter():
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             self.step_times.append(time.perf_counter() - self._t0)
+            if control.should_save:
+                control.should_log = True
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "learning_rate" not in logs:  # not a training step's log
+                return
+            if "loss" in logs:  # the mean loss of the steps since the last log
+                self.loss_sum += logs["loss"] * (state.global_step - self.logged_step)
+            self.logged_step = state.global_step
 
         def on_train_end(self, args, state, control, **kwargs):
             self.peak_rss = peak_rss_bytes()
             if torch.cuda.is_available():
                 self.peak_cuda = torch.cuda.max_memory_allocated()
 
-    return Meter()
+    return BenchMeter()
 
 
 # ---- one run -------------------------------------------------------------------------------------
@@ -177,18 +216,42 @@ def run_one(grid: Grid, run: RunSpec) -> dict[str, Any]:
         torch.set_num_threads(grid.threads)
     settings = grid.settings(run)
     model_cfg, data_cfg, config = build_configs(settings)
-    # A run being (re)run has no result: what its folder holds is a stale, failed attempt.
-    config.overwrite_output_dir = True
     records = _eval_records(grid)  # before training: a bad eval file fails in seconds
+    # A run being (re)run has no result: its folder holds an interrupted attempt, resumed
+    # from its last checkpoint if that was made with these settings, else cleared.
+    plan = plan_run_dir(config.output_dir, settings)
+    config.resume_from_checkpoint = plan.checkpoint
+    config.overwrite_output_dir = plan.checkpoint is None
     # train() builds the adapter before the Trainer seeds: seed here so that the adapter's
     # initialisation, too, is the run's seed (and independent of earlier runs in the process).
     set_seed(run.seed)
-    meter = _meter()
+    meter = _meter(plan.meter)
     start = time.perf_counter()
     trained = train(model_cfg, data_cfg, config, callbacks=[meter])
     train_seconds = time.perf_counter() - start
     state = trained.trainer.state
     steps = max(state.global_step, 1)
+    train_runtime = trained.metrics.get("train_runtime", train_seconds)
+    train_loss = trained.metrics.get("train_loss")
+    resumed = None
+    if plan.checkpoint is not None:
+        # This process trained steps plan.step+1.. only: add the earlier segments' wall clock
+        # (from their train begin to the checkpoint) and loss sum, as saved in the checkpoint.
+        now_steps = state.global_step - plan.step
+        segment = trained.metrics.get("train_runtime", 0.0) if now_steps else 0.0
+        train_runtime = meter.wall_before + segment
+        train_seconds = meter.wall_before + train_seconds
+        before = plan.meter["loss_sum"]
+        train_loss = (before + (train_loss or 0.0) * now_steps) / steps
+        resumed = {
+            "from_step": plan.step,
+            "checkpoint": Path(plan.checkpoint).name,
+            "steps_trained_now": now_steps,
+            "segments": [
+                *plan.meter.get("segments", []),
+                {"from_step": plan.step, "to_step": state.global_step, "seconds": segment},
+            ],
+        }
     start = time.perf_counter()
     result = _evaluate(grid, trained.model, trained.tokenizer, records)
     eval_seconds = time.perf_counter() - start
@@ -210,13 +273,16 @@ def run_one(grid: Grid, run: RunSpec) -> dict[str, Any]:
                 for e in state.log_history
                 if "loss" in e and "step" in e
             ],
-            "train_loss": trained.metrics.get("train_loss"),
+            "train_loss": train_loss,
             "steps": state.global_step,
             "train_seconds": train_seconds,
             # All of training's wall time per step: periodic work (IST probes, GAST support
-            # passes, a Fisher pre-pass) counts, as it does for whoever pays for the run.
-            "seconds_per_step": trained.metrics.get("train_runtime", train_seconds) / steps,
+            # passes, a Fisher pre-pass, checkpoints) counts, as it does for whoever pays for
+            # the run. A resumed run counts each segment up to its last checkpoint (the steps
+            # after it, lost and trained again, count once) plus the last segment.
+            "seconds_per_step": train_runtime / steps,
             "step_times_s": meter.step_times,
+            "resumed": resumed,
             "peak_rss_bytes": meter.peak_rss,
             "peak_rss_since": "train_begin" if meter.rss_reset else "process_start",
             "peak_cuda_bytes": meter.peak_cuda,
@@ -238,6 +304,7 @@ def run_one(grid: Grid, run: RunSpec) -> dict[str, Any]:
         **provenance(str(trained.trainer.args.device)),
     }
     write_json(grid.result_path(run), document)
+    clear_checkpoints(config.output_dir)  # the run is done: its adapter stays, not its checkpoints
     logger.info(
         "%s: average accuracy %.3f, gold NLL %.4f, %.2f s/step",
         run.run_id,
