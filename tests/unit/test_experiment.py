@@ -97,7 +97,9 @@ def test_grid_entries_and_settings():
     ]
     settings = grid.settings(grid.runs()[2])
     assert settings["method"] == "gast" and settings["seed"] == 3 and settings["gast_selection"] == "topk"
-    assert settings["max_steps"] == 7 and settings["save_strategy"] == "steps" and settings["save_steps"] == 16
+    assert (
+        settings["max_steps"] == 7 and settings["save_strategy"] == "steps" and settings["save_steps"] == 16
+    )
     assert settings["output_dir"].endswith("gast-topk-seed3")
     assert grid_from_dict(grid.to_dict()).to_dict() == grid.to_dict()  # round trip (subprocess hand-over)
 

@@ -17,8 +17,9 @@ With ``--adapter``, ``--format`` and ``--rule`` default to what the adapter's
 
 The commonsense evaluation also reports the held-out NLL of the gold response (the training
 loss on each question: prompt + gold response + EOS, loss on the response; mean over the
-questions of the per-token value, ``gastune.eval.nll``), one extra forward pass per question;
-``--no-nll`` skips it.
+questions of the per-token value, ``gastune.eval.nll``), scored within the option ranking's
+pass as one more sequence on each prompt's cached prefix (one extra forward pass per question
+under ``--protocol generate``); ``--no-nll`` skips it.
 """
 
 from __future__ import annotations
@@ -228,7 +229,7 @@ def _evaluate(args: argparse.Namespace, model, tokenizer):
         **settings,
     }
     nll = None
-    if args.nll:
+    if args.nll and args.protocol == "generate":
         from gastune.eval.nll import gold_response_nll
 
         nll = gold_response_nll(model, tokenizer, records, batch_size=args.batch_size)
@@ -238,9 +239,13 @@ def _evaluate(args: argparse.Namespace, model, tokenizer):
             model, tokenizer, records, batch_size=args.batch_size, **generation
         )
         return result, len(records), {**settings, **generation}, nll
-    result = evaluate_commonsense(
-        model, tokenizer, records, batch_size=args.batch_size, rule=args.rule, prompt_format=args.format
-    )
+    ranking = {"batch_size": args.batch_size, "rule": args.rule, "prompt_format": args.format}
+    if args.nll:  # the gold responses are scored within the ranking's pass
+        from gastune.eval.loglik import evaluate_commonsense_and_nll
+
+        result, nll = evaluate_commonsense_and_nll(model, tokenizer, records, **ranking)
+    else:
+        result = evaluate_commonsense(model, tokenizer, records, **ranking)
     return result, len(records), {**settings, "rule": args.rule}, nll
 
 

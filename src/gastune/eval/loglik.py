@@ -73,6 +73,15 @@ def _encode(tokenizer, prompt: str, candidates: Sequence[str], lead: list[int]) 
     return _Encoded(seqs, starts, min(len(shared), min(len(s) for s in seqs) - 1))
 
 
+def _with_extra(encoded: _Encoded, ids: list[int], start: int) -> _Encoded | None:
+    """``encoded`` plus one more scored sequence (tokens ``start..`` of ``ids``) that runs on
+    the candidates' cached prefix; None where ``ids`` does not begin with that prefix."""
+    shared = encoded.shared
+    if start < 1 or len(ids) <= shared or list(ids[:shared]) != encoded.seqs[0][:shared]:
+        return None
+    return _Encoded([*encoded.seqs, list(ids)], [*encoded.starts, start], shared)
+
+
 def _select_rows(cache, rows: torch.Tensor):
     """The KV cache with its batch rows replaced by ``rows`` (repeats allowed)."""
     if hasattr(cache, "reorder_cache"):  # transformers Cache objects (beam search uses this)
@@ -198,6 +207,13 @@ def score_candidates(
         raise GastuneError(f"batch_size must be >= 1, got {batch_size}")
     lead = leading_special_ids(tokenizer)
     encoded = [_encode(tokenizer, prompt, cands, lead) for prompt, cands in items]
+    return _score_encoded(model, tokenizer, encoded, batch_size, progress)
+
+
+def _score_encoded(
+    model, tokenizer, encoded: list[_Encoded], batch_size: int, progress: bool
+) -> list[list[list[float]]]:
+    """Per encoded prompt and sequence, the log-probabilities of its scored tokens."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     # Longest prompts first: batches of similar length waste little padding, and the first
     # (slowest) batches make the progress bar's estimate pessimistic rather than optimistic.
@@ -285,6 +301,68 @@ def evaluate_commonsense(
         >>> result = evaluate_commonsense(model, tokenizer, records)  # doctest: +SKIP
         >>> result.tasks["arc_easy"].accuracy, result.average  # doctest: +SKIP
     """
+    items, label_sets = _ranking_items(records, rule, prompt_format)
+    scored = score_candidates(model, tokenizer, items, batch_size=batch_size, progress=progress)
+    return _predict(records, label_sets, scored, rule)
+
+
+def evaluate_commonsense_and_nll(
+    model,
+    tokenizer,
+    records: Sequence[dict],
+    batch_size: int = 16,
+    progress: bool = True,
+    rule: str = "sum",
+    prompt_format: str = "mc",
+):
+    """``evaluate_commonsense`` and ``gastune.eval.nll.gold_response_nll`` in one pass.
+
+    Each record's gold training sequence (prompt + ``output`` + EOS, tokenised as
+    ``tokenize_records`` does) is scored as one more sequence on its prompt's cached prefix,
+    next to the candidates, instead of by a separate forward pass of the whole sequence.
+    Where its tokens do not begin with the candidates' shared prefix (a tokenisation that
+    differs at the boundary), that record falls back to the separate pass; ``GoldNll.folded``
+    counts the records scored in the ranking's pass. Returns ``(EvalResult, GoldNll)``; the
+    accuracies are those of ``evaluate_commonsense`` and the NLLs those of
+    ``gold_response_nll``, up to float rounding.
+
+    Example:
+        >>> result, nll = evaluate_commonsense_and_nll(model, tokenizer, records)  # doctest: +SKIP
+        >>> result.average, nll.mean, nll.folded  # doctest: +SKIP
+    """
+    from gastune.eval.nll import GoldNll, gold_rows, score_rows
+
+    if batch_size < 1:
+        raise GastuneError(f"batch_size must be >= 1, got {batch_size}")
+    items, label_sets = _ranking_items(records, rule, prompt_format)
+    rows = gold_rows(records, tokenizer)
+    lead = leading_special_ids(tokenizer)
+    encoded = []
+    for (prompt, cands), (ids, start) in zip(items, rows):
+        plain = _encode(tokenizer, prompt, cands, lead)
+        encoded.append(_with_extra(plain, ids, start) or plain)
+    scored = _score_encoded(model, tokenizer, encoded, batch_size, progress)
+    folded = [len(e.seqs) > len(cands) for e, (_, cands) in zip(encoded, items)]
+    nll = [-math.fsum(lp[-1]) if f else 0.0 for lp, f in zip(scored, folded)]
+    rest = [i for i, f in enumerate(folded) if not f]
+    if rest:
+        logger.info(
+            "%d of %d gold responses do not share their prompt's tokens: separate pass", len(rest), len(rows)
+        )
+        for i, value in zip(rest, score_rows(model, tokenizer, [rows[i] for i in rest], batch_size)):
+            nll[i] = value
+    scored = [lp[: len(cands)] for lp, (_, cands) in zip(scored, items)]
+    gold = GoldNll(
+        nll=tuple(nll),
+        tokens=tuple(len(ids) - start for ids, start in rows),
+        tasks=tuple(str(r.get("task", "")) for r in records),
+        folded=len(rows) - len(rest),
+    )
+    return _predict(records, label_sets, scored, rule), gold
+
+
+def _ranking_items(records: Sequence[dict], rule: str, prompt_format: str):
+    """The ``(prompt, candidates)`` to rank and each record's labels, checked."""
     if rule not in RULES:
         raise GastuneError(f"unknown rule '{rule}' (choose from {', '.join(RULES)})")
     check_prompt_format(prompt_format)
@@ -296,7 +374,10 @@ def evaluate_commonsense(
         for i, (r, labels) in enumerate(zip(records, label_sets))
     ]
     logger.info("scoring %d records, %d candidates", len(items), sum(len(c) for _, c in items))
-    scored = score_candidates(model, tokenizer, items, batch_size=batch_size, progress=progress)
+    return items, label_sets
+
+
+def _predict(records, label_sets, scored: list[list[list[float]]], rule: str) -> EvalResult:
     _check_finite(scored)
     predictions = []
     for i, (record, labels, token_logps) in enumerate(zip(records, label_sets, scored)):

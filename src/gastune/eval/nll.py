@@ -16,6 +16,10 @@ ranking shares each prompt among its candidates, so it is not a bound on this co
 Batches are left-padded so that every response ends in the last column, and
 ``logits_to_keep`` skips the vocabulary-wide output layer on the prompt positions.
 
+``gastune.eval.loglik.evaluate_commonsense_and_nll`` computes the same values inside the option
+ranking's pass: the gold sequence is one more scored sequence on its prompt's cached prefix,
+wherever its tokens begin with that prefix (else it falls back to this module's pass).
+
 Example:
     >>> from gastune.data.commonsense import load_commonsense  # doctest: +SKIP
     >>> records = load_commonsense("validation", per_task=100, seed=1234, prompt_format="rc")  # doctest: +SKIP
@@ -47,6 +51,8 @@ class GoldNll:
     nll: tuple[float, ...]
     tokens: tuple[int, ...]
     tasks: tuple[str, ...]
+    # Questions scored within the option ranking's pass (None: all by their own forward pass).
+    folded: int | None = None
 
     @property
     def per_token(self) -> list[float]:
@@ -71,6 +77,7 @@ class GoldNll:
             "tasks": self.by_task(),
             "nll": list(self.nll),
             "tokens": list(self.tokens),
+            "folded": self.folded,
         }
 
 
@@ -100,17 +107,12 @@ def _batch_nll(model, rows: Sequence[tuple[list[int], int]], pad_id: int) -> lis
     return out
 
 
-def gold_response_nll(
-    model, tokenizer, records: Sequence[dict], batch_size: int = 16, progress: bool = False
-) -> GoldNll:
-    """The NLL of each record's gold response (``output``) given its prompt, as trained.
+def gold_rows(records: Sequence[dict], tokenizer) -> list[tuple[list[int], int]]:
+    """Each record's training sequence and the index of its first response token.
 
-    ``records`` are commonsense records (``load_commonsense``) or any schema that
-    ``normalize_record`` accepts. The model runs in eval mode under ``torch.inference_mode``;
-    its training mode is restored afterwards.
+    ``(ids, start)``: ``ids`` is exactly what ``tokenize_records`` trains on (prompt + gold
+    output + EOS, tokenised jointly, never truncated); tokens ``start..`` are scored.
     """
-    if batch_size < 1:
-        raise GastuneError(f"batch_size must be >= 1, got {batch_size}")
     if not records:
         raise GastuneError("no records to score")
     items = tokenize_records(records, tokenizer, cutoff_len=_NO_CUTOFF, train_on_prompt=False)
@@ -123,6 +125,14 @@ def gold_response_nll(
         if start < 1:
             raise GastuneError("cannot score a response without a prompt token before it")
         rows.append((item["input_ids"], start))
+    return rows
+
+
+def score_rows(
+    model, tokenizer, rows: Sequence[tuple[list[int], int]], batch_size: int = 16, progress: bool = False
+) -> list[float]:
+    """Summed NLL of tokens ``start..`` of each ``(ids, start)`` row: one forward pass per row,
+    in batches of similar length, in eval mode under ``torch.inference_mode``."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))  # similar lengths together
     nll = [0.0] * len(rows)
@@ -137,6 +147,23 @@ def gold_response_nll(
                 bar.update(len(idx))
     finally:
         model.train(was_training)
+    return nll
+
+
+def gold_response_nll(
+    model, tokenizer, records: Sequence[dict], batch_size: int = 16, progress: bool = False
+) -> GoldNll:
+    """The NLL of each record's gold response (``output``) given its prompt, as trained.
+
+    ``records`` are commonsense records (``load_commonsense``) or any schema that
+    ``normalize_record`` accepts. The model runs in eval mode under ``torch.inference_mode``;
+    its training mode is restored afterwards. (``gastune.eval.loglik.evaluate_commonsense_and_nll``
+    gives the same values from the option ranking's pass, without this one.)
+    """
+    if batch_size < 1:
+        raise GastuneError(f"batch_size must be >= 1, got {batch_size}")
+    rows = gold_rows(records, tokenizer)
+    nll = score_rows(model, tokenizer, rows, batch_size=batch_size, progress=progress)
     return GoldNll(
         nll=tuple(nll),
         tokens=tuple(len(ids) - start for ids, start in rows),
