@@ -107,3 +107,33 @@ def test_checkpoint_of_other_settings_restarts_with_a_warning(assets, tmp_path, 
     run_grid(_grid(assets, clean, learning_rate=2e-3), isolate=False)
     for key, value in _adapter(clean).items():
         torch.testing.assert_close(_adapter(tmp_path)[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_run_stopped_after_its_last_checkpoint_is_not_trained_again(assets, tmp_path, monkeypatch):  # noqa: F811
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run_grid(_grid(assets, whole), isolate=False)
+    real = runner_module._meter
+
+    def meter(saved=None):  # stopped after training (checkpoint-6 saved), before evaluation
+        callback = real(saved)
+
+        def on_train_end(args, state, control, **kwargs):
+            raise RuntimeError("interrupted")
+
+        callback.on_train_end = on_train_end
+        return callback
+
+    with monkeypatch.context() as patch:
+        patch.setattr(runner_module, "_meter", meter)
+        assert run_grid(_grid(assets, cut), isolate=False).failed == [RUN]
+    assert run_grid(_grid(assets, cut), isolate=False).done == [RUN]
+    a, b = _result(whole), _result(cut)
+    assert b["train"]["resumed"]["from_step"] == 6 and b["train"]["resumed"]["steps_trained_now"] == 0
+    assert len(b["train"]["step_times_s"]) == 6 and b["train"]["seconds_per_step"] > 0
+    assert b["train"]["train_loss"] == pytest.approx(a["train"]["train_loss"], rel=1e-5)
+    assert [p["step"] for p in b["train"]["loss_curve"]] == [1, 2, 3, 4, 5, 6]
+    assert [p["loss"] for p in b["train"]["loss_curve"]] == pytest.approx(
+        [p["loss"] for p in a["train"]["loss_curve"]], rel=1e-5
+    )
+    for key, value in _adapter(whole).items():
+        torch.testing.assert_close(_adapter(cut)[key], value, rtol=1e-5, atol=1e-6)
