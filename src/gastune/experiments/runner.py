@@ -6,7 +6,8 @@ holds the train loss curve, time per step, peak memory, per-task accuracy, the h
 of each question's gold response (``gastune.eval.nll``), GAST's selection frequency when the
 method has one, the run's settings and provenance. A run whose file
 exists is skipped, so a long grid can be run in pieces (``max_runs``) and resumed after an
-interruption. By default each run is a fresh subprocess, so that its peak memory is its own
+interruption; a run interrupted in training resumes from its last checkpoint
+(``gastune.experiments.resume``). By default each run is a fresh subprocess, so that its peak memory is its own
 and a crash loses one run, not the grid.
 
 Example:
