@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gastune.engine.lean_dropout import lean_lora_dropout
 from gastune.engine.loss import chunk_rows, per_sample_loss, shifted_targets, softmax_minus_onehot_, token_ce
 
 # Model families whose logits are exactly ``lm_head(hidden)`` (no soft-capping, scaling or
@@ -169,17 +170,20 @@ def model_per_sample_loss(
 
     The losses are fused with the output projection when possible (then ``outputs.logits``
     is not the logits but the losses broadcast to their shape: use ``per_sample_loss`` on a
-    plain call when the logits are needed). ``unwrapped`` is the model under any
+    plain call when the logits are needed), and peft's LoRA dropouts save a mask instead of
+    their output (``gastune.engine.lean_dropout``; the same results). ``unwrapped`` is the model under any
     data-parallel wrapper (``accelerator.unwrap_model(model)``), where the projection lives.
 
     Example:
         >>> losses, _ = model_per_sample_loss(model, {"input_ids": ids}, labels)  # doctest: +SKIP
     """
-    head = fusable_head(unwrapped if unwrapped is not None else model)
+    inner = unwrapped if unwrapped is not None else model
+    head = fusable_head(inner)
     if head is None:
-        outputs = model(**inputs)
+        with lean_lora_dropout(inner):
+            outputs = model(**inputs)
         return per_sample_loss(outputs.logits, labels), outputs
-    with _fused_head(head, labels) as captured:
+    with _fused_head(head, labels) as captured, lean_lora_dropout(inner):
         outputs = model(**inputs)
     if captured.losses is None:  # the projection never saw the batch's hidden states
         return per_sample_loss(outputs.logits, labels), outputs
