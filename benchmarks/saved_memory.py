@@ -8,7 +8,8 @@ out (they exist anyway). These tensors are what is
 alive when backward starts, the step's peak on top of the weights, optimizer state and the
 loss's own transient. ``peer`` runs the model's own loss (what plain ``transformers.Trainer``
 does); ``gastune`` runs gastune's loss path (``model_per_sample_loss``), which is where the
-Trainer's ``compute_loss`` and the GAST support pass go.
+Trainer's ``compute_loss`` and the GAST support pass go; ``gastune-peft-dropout`` is the same
+with peft's own dropout (what gastune ran before ``gastune.engine.lean_dropout``).
 
 Run (one core; memory grows with the batch, 4 × 256 needs ≈ 3 GB):
     OMP_NUM_THREADS=1 python benchmarks/saved_memory.py --batch 4 --seq 256
@@ -19,9 +20,11 @@ from __future__ import annotations
 import argparse
 import re
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
+
+from gastune.engine import fused_loss, lean_dropout
 
 
 def folded(name: str) -> str:
@@ -48,17 +51,35 @@ def tally(model: torch.nn.Module):
         handles.append(module.register_forward_pre_hook(enter(folded(name))))
         handles.append(module.register_forward_hook(leave, always_call=True))
 
-    def pack(t: torch.Tensor):
+    def count(t: torch.Tensor) -> None:
         storage = t.untyped_storage()
         if storage._cdata not in seen:
             seen.add(storage._cdata)
             by_module[stack[-1]] += storage.nbytes()
+
+    def pack(t: torch.Tensor):
+        count(t)
         return t
 
+    # gastune's lean LoRA dropout installs its own (innermost) hooks: count what they keep
+    # (a tensor, or a recipe's input and mask) instead of what they were handed.
+    lean_pack = lean_dropout._Registry._pack
+
+    def counted_lean_pack(self, t):
+        packed = lean_pack(self, t)
+        dropped = getattr(packed, "dropped", packed)
+        for kept in (
+            (dropped.source, dropped.mask) if isinstance(dropped, lean_dropout.Dropped) else (packed,)
+        ):
+            count(kept)
+        return packed
+
+    lean_dropout._Registry._pack = counted_lean_pack
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             yield by_module
     finally:
+        lean_dropout._Registry._pack = lean_pack
         for h in handles:
             h.remove()
 
@@ -70,7 +91,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--rank", type=int, default=32)
     p.add_argument("--dropout", type=float, default=0.05)
-    p.add_argument("--variants", default="peer,gastune")
+    p.add_argument("--variants", default="peer,gastune-peft-dropout,gastune")
     p.add_argument("--top", type=int, default=25)
     args = p.parse_args()
 
@@ -91,6 +112,13 @@ def main() -> None:
         with tally(model) as by_module:
             if variant == "peer":
                 loss = model(**inputs, labels=ids).loss
+            elif variant == "gastune-peft-dropout":
+                lean = fused_loss.lean_lora_dropout
+                fused_loss.lean_lora_dropout = lambda m: nullcontext()
+                try:
+                    loss = model_per_sample_loss(model, inputs, ids)[0].mean()
+                finally:
+                    fused_loss.lean_lora_dropout = lean
             else:
                 loss = model_per_sample_loss(model, inputs, ids)[0].mean()
         total = sum(by_module.values())

@@ -9,6 +9,7 @@ because bf16 rounding may legitimately flip a draw between nearly equal scores.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -145,3 +146,24 @@ def test_one_pass_equals_two_pass_fp32():
     one = [p.grad for p in model.parameters() if p.requires_grad]
     for a, b in zip(one, [two[id(p)] for p in two_model.parameters() if p.requires_grad]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_lean_lora_dropout_equals_peft_dropout(bf16):
+    # On cuda gastune's dropout runs the fused native_dropout kernel, as F.dropout does there.
+    from gastune.engine.lean_dropout import lean_lora_dropout
+    from tests.unit.test_lean_dropout import dropout_lora
+
+    batch = on_device(make_batch(n=4))
+    grads = []
+    for lean in (True, False):
+        model = dropout_lora().to(DEVICE)
+        torch.manual_seed(11)
+        with autocast(bf16), lean_lora_dropout(model) if lean else contextlib.nullcontext():
+            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        plain_per_sample_loss(out.logits, batch["labels"]).mean().backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    for ours, peft in zip(*grads):
+        scale = peft.abs().max()
+        assert scale > 0  # bit for bit on the CPU (test_lean_dropout.py); a rounding's slack here
+        torch.testing.assert_close(ours, peft, rtol=1e-5, atol=1e-6 * scale)
