@@ -37,7 +37,15 @@ from torch import nn
 
 # Where F.dropout runs the fused native_dropout kernel (a bool mask) rather than bernoulli noise.
 _FUSED_DEVICES = ("cuda", "xpu")
-_top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+_TOP_HOOKS = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+
+
+def _top_hooks():
+    """The innermost saved-tensor hooks ``(pack, unpack)`` now in force, or ``None``."""
+    try:
+        return _TOP_HOOKS(False)  # argument: ignore_is_tracing
+    except TypeError:  # another torch's signature: treated as "not ours", dropout unchanged
+        return None
 
 
 class _MaskedDropout(torch.autograd.Function):
@@ -120,7 +128,7 @@ class _Registry:
         self.unpack = self._unpack
 
     def on_top(self) -> bool:
-        top = _top_hooks(False) if _top_hooks is not None else None
+        top = _top_hooks()
         return top is not None and top[0] is self.pack
 
     def add(self, out: torch.Tensor, recipe: Dropped) -> None:
@@ -191,7 +199,7 @@ def lean_lora_dropout(model: nn.Module) -> Iterator[_Registry | None]:
         ...     loss = peft_model(**batch).loss
         >>> loss.backward()  # doctest: +SKIP
     """
-    dropouts = _lora_dropouts(model) if _top_hooks is not None else []
+    dropouts = _lora_dropouts(model) if _TOP_HOOKS is not None else []
     if not dropouts:
         yield None
         return
