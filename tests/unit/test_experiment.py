@@ -104,10 +104,33 @@ def test_grid_entries_and_settings():
     assert grid_from_dict(grid.to_dict()).to_dict() == grid.to_dict()  # round trip (subprocess hand-over)
 
 
+def test_an_entry_with_its_own_seeds_runs_only_those():
+    grid = grid_from_dict(
+        {
+            "seeds": [0, 1, 2, 3],
+            "methods": ["lora", {"name": "lora-lr", "method": "lora", "seeds": [1, 3, 9]}],
+        }
+    )
+    assert [r.run_id for r in grid.runs()] == [
+        *(f"lora-seed{s}" for s in range(4)),
+        "lora-lr-seed1",
+        "lora-lr-seed3",
+    ]
+    assert grid_from_dict(grid.to_dict()).runs() == grid.runs()  # the subprocess hand-over keeps them
+    assert "seeds" not in grid.settings(grid.runs()[-1])  # not a training setting
+    narrowed = grid.to_dict() | {"seeds": [2, 3]}  # what --seeds 2,3 does
+    assert [r.run_id for r in grid_from_dict(narrowed).runs()] == [
+        "lora-seed2",
+        "lora-seed3",
+        "lora-lr-seed3",
+    ]
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
         ({"methods": []}, "no methods"),
+        ({"methods": [{"name": "x", "method": "lora", "seeds": "0"}]}, "seeds must be a list of integers"),
         ({"methods": ["lora", "lora"]}, "unique"),
         (
             {"methods": [{"name": "x", "method": "gast", "gast_selction": "topk"}]},

@@ -17,6 +17,10 @@ A grid is a YAML file (or the same dict built in Python)::
       - lora
       - gast
       - {name: gast-random, method: gast, gast_selection: random}   # a variant: overrides
+      - {name: lora-lr3e-4, method: lora, learning_rate: 3.0e-4, seeds: [0, 1]}  # fewer seeds
+
+An entry's ``seeds`` restrict the grid's: it runs those of the grid's seeds (after ``--seeds``)
+that are among them.
 
 Every run gets the same ``train`` settings, its entry's overrides, ``method`` and the seed
 (which seeds the adapter's initialisation, the data order and the method's draws; the
@@ -68,6 +72,7 @@ class MethodEntry:
     name: str
     method: str
     overrides: dict[str, Any] = field(default_factory=dict)
+    seeds: tuple[int, ...] | None = None  # a subset of the grid's seeds (default: all of them)
 
 
 @dataclass(frozen=True)
@@ -129,8 +134,14 @@ class Grid:
     threads: int | None = None  # torch CPU threads per run (default: torch's choice)
 
     def runs(self) -> list[RunSpec]:
-        """Every (entry, seed) run, entry by entry (all seeds of one method together)."""
-        return [RunSpec(e.name, e.method, s, dict(e.overrides)) for e in self.methods for s in self.seeds]
+        """Every (entry, seed) run, entry by entry (all seeds of one method together). An
+        entry with its own ``seeds`` runs only the grid's seeds among them."""
+        return [
+            RunSpec(e.name, e.method, s, dict(e.overrides))
+            for e in self.methods
+            for s in self.seeds
+            if e.seeds is None or s in e.seeds
+        ]
 
     def result_path(self, run: RunSpec) -> Path:
         return Path(self.results) / f"{run.run_id}.json"
@@ -149,7 +160,15 @@ class Grid:
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["methods"] = [{"name": e.name, "method": e.method, **e.overrides} for e in self.methods]
+        out["methods"] = [
+            {
+                "name": e.name,
+                "method": e.method,
+                **e.overrides,
+                **({} if e.seeds is None else {"seeds": list(e.seeds)}),
+            }
+            for e in self.methods
+        ]
         return out
 
 
@@ -236,8 +255,26 @@ def _entry(item: Any, i: int) -> MethodEntry:
     method = str(item.pop("method", name))
     if not _NAME.fullmatch(name):
         raise GastuneError(f"methods[{i}]: '{name}' is not a usable file name (letters, digits, _ . + -)")
+    seeds = item.pop("seeds", None)
+    if seeds is not None:
+        seeds = _seed_list(seeds, f"methods[{i}] ({name}): seeds")
     _check_keys(item, f"methods[{i}] ({name})")
-    return MethodEntry(name=name, method=method, overrides=item)
+    return MethodEntry(
+        name=name, method=method, overrides=item, seeds=None if seeds is None else tuple(seeds)
+    )
+
+
+def _seed_list(seeds: Any, what: str) -> list[int]:
+    seeds = (
+        [seeds] if isinstance(seeds, int) else (list(seeds) if isinstance(seeds, (list, tuple)) else seeds)
+    )
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+    ):
+        raise GastuneError(f"{what} must be a list of integers, got {seeds!r}")
+    return seeds
 
 
 def grid_from_dict(data: dict[str, Any]) -> Grid:
@@ -271,16 +308,7 @@ def grid_from_dict(data: dict[str, Any]) -> Grid:
         evaluation = EvalSpec(**eval_settings)
     except TypeError as exc:
         raise GastuneError(f"eval: {exc}") from exc
-    seeds = data.pop("seeds", [0])
-    seeds = (
-        [seeds] if isinstance(seeds, int) else (list(seeds) if isinstance(seeds, (list, tuple)) else seeds)
-    )
-    if (
-        not isinstance(seeds, list)
-        or not seeds
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
-    ):
-        raise GastuneError(f"seeds must be a list of integers, got {seeds!r}")
+    seeds = _seed_list(data.pop("seeds", [0]), "seeds")
     return Grid(methods=methods, seeds=seeds, train=train, eval=evaluation, **data)
 
 

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# One core's share of Experiments A and B (issue 16), seed by seed, each finished run file
+# committed as soon as it exists. Two copies, one per core, run the two disjoint halves:
+#
+#   nohup benchmarks/evidence_run.sh 0 > runs/evidence-core0.log 2>&1 &
+#   nohup benchmarks/evidence_run.sh 1 > runs/evidence-core1.log 2>&1 &
+#
+# Stop it at any time (kill the process group). Re-running the same command resumes: runs
+# with a result file are skipped and an interrupted run resumes from its last checkpoint
+# (docs/experiments.md, "Budget"). Seeds go outermost, so every method has its seed 0 before
+# any has its seed 1 and the paired comparisons fill in evenly. The halves are balanced by the
+# pilot's per-run cost (docs/experiments.md); never give two processes the same entries.
+# `--no-commit` leaves the result files uncommitted (e.g. on a scratch copy).
+set -u -o pipefail
+core=${1:?usage: benchmarks/evidence_run.sh 0|1 [--no-commit]}
+commit=1
+[[ ${2:-} == --no-commit ]] && commit=0
+case $core in
+  0) A=lora,gast-batch,ist,rst,lora-lr3e-4 B=lora,maxloss,random-half ;;
+  1) A=gast,gast-random,gast-topk,gast-lr3e-4 B=gast,gast-heldout,greats ;;
+  *) echo "core must be 0 or 1, got '$core'" >&2; exit 2 ;;
+esac
+cd "$(dirname "$0")/.."
+GASTUNE=${GASTUNE:-.venv/bin/gastune}
+export OMP_NUM_THREADS=1
+
+commit_results() {  # only the result files; retry while another git command holds the index
+  ((commit)) || return 0
+  local paths=(docs/evidence-a/results docs/evidence-b/results)
+  for _ in 1 2 3 4 5 6 7 8 9 10; do
+    git add -- "${paths[@]}" 2>/dev/null || { sleep 3; continue; }
+    git diff --cached --quiet -- "${paths[@]}" && return 0
+    git commit -q -m "evidence: run files finished on core $core ($1)" -- "${paths[@]}" && return 0
+    sleep 3
+  done
+  echo "could not commit the result files of $1" >&2
+}
+
+bench() {  # grid, entries, seed
+  taskset -c "$core" "$GASTUNE" bench --config "$1" --methods "$2" --seeds "$3" || true
+  commit_results "$(basename "$1" .yaml) seed $3"
+}
+
+for seed in 0 1 2 3 4; do
+  bench benchmarks/evidence_a.yaml "$A" "$seed"
+  ((seed <= 2)) && bench benchmarks/evidence_b.yaml "$B" "$seed"
+done
+echo "core $core: every run of its half has a result file (or failed: see above)"
