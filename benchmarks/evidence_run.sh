@@ -27,6 +27,7 @@ export OMP_NUM_THREADS=1
 commit_results() {  # only the result files; retry while another git command holds the index
   ((commit)) || return 0
   local paths=(docs/evidence-a/results docs/evidence-b/results)
+  [[ -f docs/evidence-a/base.json ]] && paths+=(docs/evidence-a/base.json)
   for _ in 1 2 3 4 5 6 7 8 9 10; do
     git add -- "${paths[@]}" 2>/dev/null || { sleep 3; continue; }
     git diff --cached --quiet -- "${paths[@]}" && return 0
@@ -40,6 +41,12 @@ bench() {  # grid, entries, seed
   taskset -c "$core" "$GASTUNE" bench --config "$1" --methods "$2" --seeds "$3" || true
   commit_results "$(basename "$1" .yaml) seed $3"
 }
+
+# The untrained model on the same 800 questions: the base of "how much of its gain B keeps".
+if ((core == 0)) && [[ ! -f docs/evidence-a/base.json ]]; then
+  taskset -c 0 "$GASTUNE" eval --format rc --rule mean --per-task 100 --seed 1234 --threads 1 \
+    --out docs/evidence-a/base.json && commit_results "the base model's evaluation"
+fi
 
 for seed in 0 1 2 3 4; do
   bench benchmarks/evidence_a.yaml "$A" "$seed"
