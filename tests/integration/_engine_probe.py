@@ -10,7 +10,8 @@ Under ``$GASTUNE_PROBE_DIR`` each rank writes:
   parameters are DTensors (FSDP2 shards) and which modules are FSDP-wrapped;
 - ``params_rank{r}.pt`` after training: every trainable parameter, whole (DTensors gathered);
 - ``selections_rank{r}.pt`` after training: the method's selection masks on this rank;
-- ``optim_rank{r}.pt`` after training (not under DeepSpeed): the optimizer state per parameter.
+- ``optim_rank{r}.pt`` after training (not under DeepSpeed ZeRO-1/2): the optimizer state per
+  parameter; under ZeRO-3 this rank's partition of it (one optimizer sub-group per tensor).
 
 CPU FSDP (``GASTUNE_TEST_CPU_FSDP=1``): accelerate has no FSDP on the CPU. ``AcceleratorState``
 turns a launch into FSDP only for a GPU-like distributed type, so with ``--use_cpu true`` an FSDP
@@ -23,6 +24,7 @@ GPU placement for FSDP.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -61,6 +63,8 @@ def engine_info(trainer, model) -> dict:
         "params": len(params),
         "dtensor_params": sum(type(p).__name__ == "DTensor" for _, p in params),
         "fsdp_modules": sorted({type(m).__name__ for m in inner.modules() if "FSDP" in type(m).__name__}),
+        # DeepSpeed ZeRO-3: parameters held as a partition (empty outside their module's forward)
+        "zero3_partitioned_params": sum(hasattr(p, "ds_tensor") and p.numel() == 0 for _, p in params),
     }
     if trainer.is_deepspeed_enabled:
         engine = trainer.model_wrapped
@@ -68,7 +72,10 @@ def engine_info(trainer, model) -> dict:
         info.update(
             zero_stage=engine.zero_optimization_stage(),
             zero_optimizer=type(zero).__name__,
-            zero_partition_count=list(getattr(zero, "partition_count", [])),
+            # ZeRO-1/2: one count per parameter group; ZeRO-3: one int
+            zero_partition_count=list(getattr(zero, "partition_count", None) or [])
+            if not isinstance(getattr(zero, "partition_count", None), int)
+            else [zero.partition_count],
             base_optimizer=type(getattr(zero, "optimizer", None)).__name__,
         )
     if trainer.is_fsdp_enabled:
@@ -98,6 +105,45 @@ def optimizer_state(trainer, inner) -> dict:
     return out
 
 
+def zero3_optimizer_state(trainer, inner) -> dict:
+    """Under ZeRO-3 (one sub-group per tensor): each trainable parameter's optimizer state on
+    this rank, i.e. of its fp32 partition, and where that partition starts in the flat tensor."""
+    zero = trainer.optimizer.optimizer
+    names = {id(p): n for n, p in inner.named_parameters()}
+    out = {}
+    for i, group in enumerate(zero.fp16_groups):
+        assert len(group) == 1, "ZeRO-3 probe expects sub_group_size 1"
+        param = group[0]
+        flat = zero.fp32_partitioned_groups_flat[i]
+        entry = {}
+        for key, value in sorted(zero.optimizer.state.get(flat, {}).items()):
+            entry[key] = value.detach().float().cpu().clone() if hasattr(value, "detach") else value
+        entry["partition_start"] = param.ds_tensor.ds_numel * trainer.args.process_index
+        entry["numel"] = param.ds_numel
+        out[names[id(param)]] = entry
+    return out
+
+
+def trained_parameters(trainer, inner) -> dict:
+    """Every trainable parameter, whole: DTensors gathered; ZeRO-3 partitions gathered (a
+    collective: every rank runs it, in the same order)."""
+    import torch
+
+    named = [(n, p) for n, p in inner.named_parameters() if p.requires_grad]
+    gather = contextlib.nullcontext()
+    if any(hasattr(p, "ds_tensor") for _, p in named):
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters([p for _, p in named])
+    params = {}
+    with gather, torch.no_grad():
+        for name, p in named:
+            t = p.detach()
+            t = t.full_tensor() if hasattr(t, "full_tensor") else t
+            params[name] = t.float().cpu().clone()
+    return params
+
+
 def install_probes(probe_dir: str) -> None:
     import torch
 
@@ -117,12 +163,7 @@ def install_probes(probe_dir: str) -> None:
         output = train(self, *args, **kwargs)
         inner = self.accelerator.unwrap_model(self.model_wrapped)
         rank = self.args.process_index
-        params = {}
-        for name, p in inner.named_parameters():  # same order on every rank: the gathers match
-            if p.requires_grad:
-                t = p.detach()
-                t = t.full_tensor() if hasattr(t, "full_tensor") else t
-                params[name] = t.float().cpu().clone()
+        params = trained_parameters(self, inner)  # same order on every rank: the gathers match
         torch.save(params, os.path.join(probe_dir, f"params_rank{self.args.process_index}.pt"))
         # what the method chose on this rank: its selection masks (a wrapped method's too)
         method = self.method
@@ -133,6 +174,8 @@ def install_probes(probe_dir: str) -> None:
         torch.save(selections, os.path.join(probe_dir, f"selections_rank{self.args.process_index}.pt"))
         if not self.is_deepspeed_enabled:
             torch.save(optimizer_state(self, inner), os.path.join(probe_dir, f"optim_rank{rank}.pt"))
+        elif self.model_wrapped.zero_optimization_stage() == 3:
+            torch.save(zero3_optimizer_state(self, inner), os.path.join(probe_dir, f"optim_rank{rank}.pt"))
         return output
 
     GastuneMixin.training_step = probed_training_step

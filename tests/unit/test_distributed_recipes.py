@@ -185,19 +185,20 @@ def _sharded_trainer(tmp_path, monkeypatch, backend: str, model=None):
     return trainer
 
 
-@pytest.mark.parametrize("backend,name", [("fsdp1", "FSDP1"), ("zero3", "DeepSpeed ZeRO-3")])
-def test_sparse_methods_refuse_fsdp1_and_zero3_in_one_line(backend, name, tmp_path, monkeypatch):
-    trainer = _sharded_trainer(tmp_path, monkeypatch, backend)
-    with pytest.raises(GastuneError, match=f"method 'gast' does not support {name} ") as err:
+def test_sparse_methods_refuse_fsdp1_in_one_line(tmp_path, monkeypatch):
+    trainer = _sharded_trainer(tmp_path, monkeypatch, "fsdp1")
+    with pytest.raises(GastuneError, match="method 'gast' does not support FSDP1 ") as err:
         check_sharding(trainer)
     assert "\n" not in str(err.value)
     monkeypatch.setattr(trainer, "method", TrainingMethod())  # dense LoRA: plain Trainer training
     check_sharding(trainer)
 
 
-def test_every_method_is_accepted_under_fsdp2(tmp_path, monkeypatch):
-    trainer = _sharded_trainer(tmp_path, monkeypatch, "fsdp2")
-    check_sharding(trainer)  # gast (tests/integration/test_fsdp2_methods.py trains it)
+@pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
+def test_every_method_is_accepted_under_fsdp2_and_zero3(backend, tmp_path, monkeypatch):
+    # gast; tests/integration/test_fsdp2_methods.py and test_zero3_methods.py train every method
+    trainer = _sharded_trainer(tmp_path, monkeypatch, backend)
+    check_sharding(trainer)
 
 
 @pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
@@ -214,11 +215,17 @@ def test_a_quantised_base_refuses_parameter_sharding(backend, tmp_path, monkeypa
 
 
 def test_shipped_launch_configs_are_well_formed():
-    for name in ("ddp_cpu", "ddp_gpu", "deepspeed_zero2"):
+    for name in ("ddp_cpu", "ddp_gpu", "deepspeed_zero2", "deepspeed_zero3"):
         cfg = yaml.safe_load((REPO / f"configs/accelerate/{name}.yaml").read_text())
         assert cfg["num_processes"] >= 2 and cfg["distributed_type"] in ("MULTI_GPU", "DEEPSPEED")
-    ds_path = cfg["deepspeed_config"]["deepspeed_config_file"]
-    assert json.loads((REPO / ds_path).read_text())["zero_optimization"]["stage"] == 2
+        if name.startswith("deepspeed_zero"):
+            ds_path = cfg["deepspeed_config"]["deepspeed_config_file"]
+            zero = json.loads((REPO / ds_path).read_text())["zero_optimization"]
+            assert zero["stage"] == int(name[-1])
+    # ZeRO-3: one optimizer sub-group per tensor, so a frozen layer's can be skipped
+    # (gastune.training.zero3); every parameter partitioned; the whole adapter gathered on save
+    assert zero["sub_group_size"] == 1 and zero["stage3_param_persistence_threshold"] == 0
+    assert zero["stage3_gather_16bit_weights_on_model_save"] is True
     fsdp = yaml.safe_load((REPO / "configs/fsdp/fsdp2_lora.yaml").read_text())
     assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp_config"]["fsdp_version"] == 2
     # SHARDED_STATE_DICT makes save_model write no adapter (tests/integration/test_distributed_engines.py)

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from gastune.engine.live import full_shape
+
 
 @dataclass
 class GenericCall:
@@ -45,5 +47,5 @@ class BlockCapture:
         """Per-sample gradient ``(N, *param.shape)`` (zeros if the parameter was unused)."""
         g = self.grads.get(id(param))
         if g is None:
-            return torch.zeros((self.batch_size, *param.shape), dtype=torch.float32, device=param.device)
+            return torch.zeros((self.batch_size, *full_shape(param)), dtype=torch.float32, device=param.device)
         return g

@@ -138,6 +138,10 @@ def fusable_head(model: nn.Module) -> nn.Linear | None:
         return None  # already patched (e.g. a nested call)
     if head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
         return None  # a trained head needs its weight gradient: use the chunked loss on logits
+    if hasattr(head.weight, "ds_id"):
+        # DeepSpeed ZeRO-3: the fused backward needs the whole weight, but the head's own
+        # backward hook (which would gather it) never runs — the loss bypasses its output
+        return None
     return head
 
 

@@ -27,7 +27,7 @@ from torch import nn
 from gastune.engine.capture import BlockCapture, GenericCall
 from gastune.engine.gate import BlockGate
 from gastune.engine.generic import call_unit_of, detached_call, replay_per_sample
-from gastune.engine.live import live_parameters, names_in_block
+from gastune.engine.live import gather_with_blocks, live_parameters, names_in_block, release_from_blocks
 from gastune.engine.persample_linear import per_sample_linear_forward
 from gastune.engine.settings import GastSettings
 from gastune.engine.stats import SelectionRecord
@@ -98,6 +98,7 @@ class GastEngine:
         for g in self.groups:
             self._groups_by_block.setdefault(g.block, []).append(g)
         self._handles: list = []
+        self._external: list = []  # DeepSpeed ZeRO-3 registrations (gastune.engine.live)
         self._patched: list[tuple[nn.Module, object]] = []
         self._captures: dict[int, BlockCapture] = {}
         self._support: dict[int, torch.Tensor] | None = None
@@ -147,6 +148,8 @@ class GastEngine:
         for unit_name, (block, params) in self._generic.items():
             module = self.model.get_submodule(unit_name)
             self._patch(module, self._generic_forward(block, module, params))
+        # ZeRO-3: the gate uses the block's adapter parameters outside their own modules
+        self._external = gather_with_blocks(self.blocks.blocks, self.block_parameters)
         for index, block in enumerate(self.blocks.blocks):
             if self.block_parameters[index]:
                 self._handles.append(
@@ -166,6 +169,8 @@ class GastEngine:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        release_from_blocks(self._external)
+        self._external = []
         for module, previous in reversed(self._patched):
             if previous is None:
                 del module.forward

@@ -9,7 +9,7 @@ from torch import nn
 
 from gastune.engine.checkpointing import non_reentrant_checkpointing
 from gastune.engine.fused_loss import model_per_sample_loss
-from gastune.engine.live import parameters_in_use
+from gastune.engine.live import full_shape, parameters_in_use
 from gastune.errors import GastuneError
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def _support_gradients(
     if not finite.all():
         if not finite.any():
             logger.warning("every support sample has a non-finite loss; this step's support gradient is zero")
-            return {id(p): torch.zeros_like(in_use.get(id(p), p)) for p in params}
+            return {id(p): _zeros(in_use.get(id(p), p)) for p in params}
         logger.warning("dropped %d support sample(s) with a non-finite loss", int((~finite).sum()))
         rows = finite.nonzero().flatten()
         batch = {
@@ -77,7 +77,12 @@ def _support_gradients(
             "the support pass reached none of the adapter parameters (activation checkpointing that "
             'hides them from autograd?); use gradient_checkpointing_kwargs {"use_reentrant": false}'
         )
-    return {id(p): (torch.zeros_like(u) if g is None else g.detach()) for p, u, g in zip(params, used, grads)}
+    return {id(p): (_zeros(u) if g is None else g.detach()) for p, u, g in zip(params, used, grads)}
+
+
+def _zeros(t: torch.Tensor) -> torch.Tensor:
+    """Zeros of ``t``'s whole shape (under ZeRO-3, ``t`` is partitioned again after the pass)."""
+    return torch.zeros(full_shape(t), dtype=t.dtype, device=t.device)
 
 
 def _support_losses(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 import torch
 
-from gastune.engine.live import parameters_in_use
+from gastune.engine.live import full_shape, parameters_in_use
 from gastune.engine.loss import per_sample_loss
 from gastune.errors import GastuneError
 from gastune.methods.base import TrainingMethod, register_method
@@ -287,7 +287,7 @@ def diagonal_fisher(
                 loss = per_sample_loss(out.logits, batch["labels"]).mean()
             used = [in_use.get(id(p), p) for p in params]
             if fisher is None:
-                fisher = [torch.zeros(u.shape, dtype=torch.float32, device=u.device) for u in used]
+                fisher = [torch.zeros(full_shape(u), dtype=torch.float32, device=u.device) for u in used]
             for f, g in zip(fisher, torch.autograd.grad(loss, used, allow_unused=True)):
                 if g is not None:
                     f.add_(g.float().square())
@@ -295,7 +295,7 @@ def diagonal_fisher(
     finally:
         model.train(was_training)
     if fisher is None:  # no example
-        fisher = [torch.zeros(p.shape, dtype=torch.float32, device=p.device) for p in params]
+        fisher = [torch.zeros(full_shape(p), dtype=torch.float32, device=p.device) for p in params]
     it = iter(f.div_(max(count, 1)) for f in fisher)
     return [[next(it) for _ in block] for block in per_block]
 

@@ -42,6 +42,7 @@ from gastune.training import checkpoint, identity
 from gastune.training.fsdp_resume import lenient_optimizer_state_loading
 from gastune.training.health import StepAccounting, StepCheck
 from gastune.training.numerics import NonFiniteLoss, SampleGuard, has_targets, zero_gradient_loss
+from gastune.training.zero3 import skip_frozen_subgroups, zero3_optimizer
 from gastune.tuners import has_bottleneck, is_bottleneck_folder, save_bottleneck
 from gastune.tuners.bottleneck_io import load_bottleneck_weights
 
@@ -94,6 +95,8 @@ class GastuneMixin:
         if not self._method_ready:
             self.method.setup(self, model)  # seeds the method's generators…
             self._method_ready = True
+            if self.is_deepspeed_enabled and is_deepspeed_zero3_enabled():  # layers a method freezes
+                skip_frozen_subgroups(zero3_optimizer(self.optimizer))
             if self._method_state is not None:  # …so a resumed state goes in after it
                 self._apply_method_state(*self._method_state)
                 self._method_state = None
@@ -336,12 +339,13 @@ def _finished(progress: dict, args) -> bool:
 def check_sharding(trainer) -> None:
     """Refuse the combinations with parameter sharding that are not supported, in one line.
 
-    Every method trains under FSDP2: the engine takes its gradients with respect to the copies
-    FSDP2 gathers for each block (``gastune.engine.live``) and delivers them through the block's
-    gate into the gathered parameters' ``.grad``, which FSDP2 reduce-scatters as usual. Refused:
-    sparse methods under FSDP1 (flat parameters: one ``requires_grad`` per flat tensor) and under
-    DeepSpeed ZeRO-3 (not done), and a bitsandbytes-quantised base under either kind of sharding.
-    Dense LoRA/DoRA are plain Trainer training.
+    Every method trains under FSDP2 and DeepSpeed ZeRO-3: the engine takes its gradients with
+    respect to the tensors each block's forward really used (``gastune.engine.live``: FSDP2's
+    gathered copies; under ZeRO-3 the parameters, gathered for the whole block) and delivers them
+    through the block's gate into their ``.grad``, which FSDP2 / ZeRO-3 reduce-scatter as usual.
+    Refused: sparse methods under FSDP1 (flat parameters: one ``requires_grad`` per flat tensor),
+    and a bitsandbytes-quantised base under any kind of sharding. Dense LoRA/DoRA are plain
+    Trainer training.
     """
     sharded = None
     if getattr(trainer, "is_fsdp_enabled", False):
@@ -357,12 +361,12 @@ def check_sharding(trainer) -> None:
             f"a 4-bit/8-bit (bitsandbytes) base is not supported under {sharded}; "
             "use data parallel (configs/accelerate/ddp_*.yaml) or DeepSpeed ZeRO-2"
         )
-    if type(trainer.method) is TrainingMethod or sharded == "FSDP2":
+    if type(trainer.method) is TrainingMethod or sharded in ("FSDP2", "DeepSpeed ZeRO-3"):
         return
     raise GastuneError(
         f"method '{trainer.method.name}' does not support {sharded} (parameter sharding); "
-        "use FSDP2 (fsdp_version: 2), data parallel (configs/accelerate/ddp_*.yaml) or DeepSpeed "
-        "ZeRO-2, or a dense method"
+        "use FSDP2 (fsdp_version: 2), DeepSpeed ZeRO-3 or ZeRO-2, data parallel "
+        "(configs/accelerate/ddp_*.yaml), or a dense method"
     )
 
 

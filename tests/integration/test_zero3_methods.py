@@ -1,0 +1,108 @@
+"""Every sparse method under DeepSpeed ZeRO-3 on 2 CPU processes (gloo) equals the data-parallel run.
+
+The launches are those of test_distributed_engines.py (its ``Launcher``: the real CLI through
+_engine_probe.py) with the shipped configs/accelerate/deepspeed_zero3.yaml plus ``--use_cpu true``
+(DeepSpeed picks its CPU accelerator, as for ZeRO-2): a tiny 2-layer Llama, 16 records, batch 4
+per rank, SGD at a constant lr with clipping active, 3 optimizer steps (into the second epoch).
+Every parameter is partitioned (``stage3_param_persistence_threshold: 0``), the adapters too. For
+each method, on each rank, the ZeRO-3 run chose what the DDP run chose — the same selection masks
+at every step — and both end with the same adapter (allclose). Gradients go through ZeRO-3's own
+reduce-scatter hooks: the block gate delivers them into ``.grad`` by autograd.
+
+Run with ``make test-integration`` (``pytest -m integration``); ~2 launches per method.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import REPO
+from tests.integration.test_distributed_engines import SGD, Launcher, Run, assert_same, needs_deepspeed
+from tests.integration.test_fsdp2_methods import LISA, METHOD_FLAGS, STEPS, assert_same_selections, selections
+
+pytestmark = [pytest.mark.integration, needs_deepspeed]
+
+ZERO3 = REPO / "configs/accelerate/deepspeed_zero3.yaml"
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory) -> Launcher:
+    return Launcher(tmp_path_factory.mktemp("zero3-methods"))
+
+
+def assert_zero3(run: Run, optimizer: str) -> None:
+    for rank in (0, 1):
+        engine = run.engine(rank)
+        assert engine["wrapper"] == "DeepSpeedEngine" and engine["deepspeed"], engine
+        assert engine["distributed_type"] == "DEEPSPEED" and engine["backend"] == "gloo", engine
+        assert engine["zero_stage"] == 3, engine
+        assert engine["zero_optimizer"] == "DeepSpeedZeroOptimizer_Stage3", engine
+        assert engine["base_optimizer"] == optimizer, engine
+        # at the step's start every parameter (base and adapters) is an empty partition
+        assert engine["zero3_partitioned_params"] == engine["params"] > 0, engine
+
+
+@pytest.mark.parametrize("method", list(METHOD_FLAGS))
+def test_zero3_trains_every_method_like_data_parallel(method, launch):
+    extra = [*SGD, *STEPS, *METHOD_FLAGS[method]]
+    run = launch(f"zero3-{method}", ZERO3, method, extra).ok()
+    assert_zero3(run, "SGD")
+    reference = launch.ddp(method, extra)
+    assert_same_selections(run, reference, method)
+    params = run.params(0)
+    assert_same(run.params(1), params, "rank 1 vs rank 0", atol=0.0)
+    # LoRA B starts at zero; a layer-selective method may never draw one of the 2 layers
+    assert any(params[k].abs().sum() > 0 for k in params if "lora_B" in k), "no LoRA B moved"
+    diff = assert_same(params, reference.params(0), "parameters vs the DDP recipe", atol=1e-6)
+    assert_same(run.adapter(), reference.adapter(), "saved adapter vs the DDP recipe", atol=1e-6)
+    assert run.log.count(f"saved the {method} adapter") == 1, run.log[-4000:]
+    print(f"{method}: max |parameter difference| vs DDP: {diff:.3g}")
+
+
+# ------------------------------------------------------------ frozen layers
+# AdamW with weight decay: a frozen layer that got any update (a decay step, a zero-gradient
+# moment update) would show in its parameters or its optimizer state.
+ADAMW = [
+    *("--optim", "adamw_torch", "--learning_rate", "1e-2", "--weight_decay", "0.1"),
+    *("--max_steps", "3", "--save_steps", "1", "--lr_scheduler_type", "constant"),
+]
+
+
+def optim(run: Run, rank: int) -> dict[str, dict]:
+    return torch.load(run.probe / f"optim_rank{rank}.pt")
+
+
+def test_zero3_frozen_layers_get_no_update_and_keep_their_optimizer_state(launch):
+    """LISA, one of 2 layers per step: each adapter tensor's AdamW step count (of this rank's
+    fp32 partition, one optimizer sub-group per tensor) is the number of steps its layer
+    trained — a frozen layer's state is neither advanced nor dropped —, and parameters and each
+    rank's slice of the moments equal the DDP run's."""
+    run = launch("zero3-lisa-adamw", ZERO3, "lisa", [*ADAMW, *LISA]).ok()
+    assert_zero3(run, "AdamW")
+    reference = launch.ddp("lisa", [*ADAMW, *LISA])
+    assert_same_selections(run, reference, "lisa")
+    masks = selections(run, 0)["masks"]  # (N, layers) per step; a layer's column is all-or-nothing
+    active = [m.any(dim=0) for m in masks]
+    assert len(active) == 3 and any(not a.all() for a in active)
+    expected = optim(reference, 0)
+    params = run.params(0)
+    checked = 0
+    for rank in (0, 1):
+        state = optim(run, rank)
+        assert sorted(state) == sorted(params), rank
+        for name, entry in state.items():
+            layer = int(name.split(".layers.")[1].split(".")[0])
+            trained = sum(int(a[layer]) for a in active)
+            assert int(entry.get("step", 0)) == trained, (name, rank, entry.get("step"))
+            if not trained:  # never drawn: no state at all
+                assert sorted(entry) == ["numel", "partition_start"], (name, rank)
+                continue
+            start, numel = entry["partition_start"], entry["numel"]
+            for key in ("exp_avg", "exp_avg_sq"):
+                whole = expected[name][key].reshape(-1)
+                mine = entry[key][: max(0, min(len(entry[key]), numel - start))]
+                torch.testing.assert_close(mine, whole[start : start + len(mine)], rtol=1e-5, atol=1e-7)
+                checked += 1
+    assert checked > 0
+    assert_same(params, reference.params(0), "parameters vs the DDP recipe", atol=1e-6)
