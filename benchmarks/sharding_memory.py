@@ -91,6 +91,11 @@ def zero3_engine(model, args):
             "stage": 3,
             "stage3_param_persistence_threshold": 0,
             "sub_group_size": 1,
+            # free a module's gathered weights after use, as FSDP2's reshard_after_forward does;
+            # DeepSpeed's defaults (1e9 each) keep whatever is reused within 1e9 elements gathered
+            # (here: all of it, from forward to backward), see docs/distributed.md
+            "stage3_max_reuse_distance": args.zero3_reuse,
+            "stage3_prefetch_bucket_size": args.zero3_reuse,
         },
         "steps_per_print": 10**9,
         "zero_allow_untested_optimizer": True,  # torch SGD, as the Trainer passes its own
@@ -215,7 +220,7 @@ def launch(args, mode: str, result_dir: Path) -> list[dict]:
         ),
         *(__file__, "--worker", "--mode", mode, "--shape", args.shape, "--result-dir", str(result_dir)),
         *("--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)),
-        *("--base-dtype", args.base_dtype),
+        *("--base-dtype", args.base_dtype, "--zero3-reuse", str(args.zero3_reuse)),
     ]
     subprocess.run(cmd, check=True, env=env)
     return [json.loads((result_dir / f"{mode}-rank{r}.json").read_text()) for r in (0, 1)]
@@ -232,6 +237,13 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument(
+        "--zero3-reuse",
+        type=int,
+        default=0,
+        help="ZeRO-3's stage3_max_reuse_distance and stage3_prefetch_bucket_size (elements); 0 frees "
+        "each module's weights after use",
+    )
     parser.add_argument("--base-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument(
         "--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES)
@@ -271,7 +283,7 @@ def main() -> None:
         for mode in modes
         if mode != "ddp"
     }
-    settings = ("shape", "batch", "seq", "steps", "rounds", "base_dtype", "modes")
+    settings = ("shape", "batch", "seq", "steps", "rounds", "base_dtype", "modes", "zero3_reuse")
     result = {
         "provenance": provenance(),
         "settings": {k: getattr(args, k) for k in settings},
