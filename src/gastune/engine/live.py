@@ -38,7 +38,6 @@ def live_parameters(block: nn.Module, names: Sequence[str]) -> list[torch.Tensor
     return [block.get_parameter(n) for n in names]
 
 
-@contextmanager
 def full_shape(t: torch.Tensor) -> torch.Size:
     """The whole shape of ``t``, also while DeepSpeed ZeRO-3 holds it partitioned (empty)."""
     return getattr(t, "ds_shape", t.shape)
