@@ -51,7 +51,13 @@ def gloo():
     if dist.is_initialized():
         pytest.skip("a process group already exists in this process")
     port = free_port()
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
@@ -64,7 +70,9 @@ def zero3(model, optimizer_cls=torch.optim.SGD, sub_group_size=1, **optim):
     config = copy.deepcopy(CONFIG)
     config["zero_optimization"]["sub_group_size"] = sub_group_size
     params = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer_cls(params, lr=0.1, **optim), config=config)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer_cls(params, lr=0.1, **optim), config=config
+    )
     # every parameter is an empty partition outside its module's forward
     assert all(hasattr(p, "ds_tensor") and p.numel() == 0 for p in model.parameters())
     return engine
@@ -145,7 +153,9 @@ def partitions(engine) -> dict[str, tuple[torch.Tensor, dict]]:
     names = {id(p): n for n, p in engine.module.named_parameters()}
     out = {}
     for group, flat in zip(zero.fp16_groups, zero.fp32_partitioned_groups_flat):
-        state = {k: v.clone() if torch.is_tensor(v) else v for k, v in zero.optimizer.state.get(flat, {}).items()}
+        state = {
+            k: v.clone() if torch.is_tensor(v) else v for k, v in zero.optimizer.state.get(flat, {}).items()
+        }
         out[names[id(group[0])]] = (flat.detach().clone(), state)
     return out
 

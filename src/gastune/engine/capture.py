@@ -47,5 +47,7 @@ class BlockCapture:
         """Per-sample gradient ``(N, *param.shape)`` (zeros if the parameter was unused)."""
         g = self.grads.get(id(param))
         if g is None:
-            return torch.zeros((self.batch_size, *full_shape(param)), dtype=torch.float32, device=param.device)
+            return torch.zeros(
+                (self.batch_size, *full_shape(param)), dtype=torch.float32, device=param.device
+            )
         return g
