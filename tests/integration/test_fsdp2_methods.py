@@ -64,7 +64,12 @@ def test_fsdp2_trains_every_method_like_data_parallel(method, launch):
         assert engine["fsdp"] and engine["fsdp_version"] == 2 and engine["backend"] == "gloo", engine
         assert "FSDPLlamaDecoderLayer" in engine["fsdp_modules"], engine
         assert engine["dtensor_params"] == engine["params"] > 0, engine  # every parameter sharded
-    reference = launch.ddp(method, extra)
+    assert_trained_like_ddp(run, launch.ddp(method, extra), method)
+
+
+def assert_trained_like_ddp(run: Run, reference: Run, method: str) -> None:
+    """Same selections as the DDP run at every step, both ranks identical, parameters and the
+    saved adapter equal to the DDP run's (also used by test_zero3_methods.py)."""
     assert_same_selections(run, reference, method)
     params = run.params(0)
     assert_same(run.params(1), params, "rank 1 vs rank 0", atol=0.0)

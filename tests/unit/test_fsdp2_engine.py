@@ -77,7 +77,12 @@ def test_gast_under_fsdp2_selects_and_updates_like_the_unwrapped_model(gloo):
 
 
 def test_scoring_pass_and_fisher_under_fsdp2_equal_the_unwrapped_model(gloo):
-    plain, sharded = models()
+    assert_scores_and_fisher_equal(*models())
+
+
+def assert_scores_and_fisher_equal(plain, sharded) -> None:
+    """The per-sample scoring pass and the diagonal Fisher of ``sharded`` equal ``plain``'s
+    (also used by test_zero3_engine.py)."""
     batch = make_batch(n=4)
     scores = [PerSampleGradients(m).score(batch, gram=True) for m in (plain, sharded)]
     assert scores[0].sq_norms.min() > 0

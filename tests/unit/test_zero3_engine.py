@@ -20,12 +20,10 @@ import torch.distributed as dist
 
 from gastune.engine import GastEngine, GastSettings, per_sample_loss, support_gradients
 from gastune.errors import GastuneError
-from gastune.methods.layerwise import diagonal_fisher
-from gastune.methods.persample import PerSampleGradients
-from gastune.models import find_decoder_blocks, trainable_by_block
 from gastune.training.zero3 import skip_frozen_subgroups, zero3_optimizer
 from tests.conftest import make_batch
 from tests.helpers import free_port, lora_model
+from tests.unit.test_fsdp2_engine import assert_scores_and_fisher_equal
 
 deepspeed = pytest.importorskip("deepspeed", reason="the deepspeed extra is not installed")
 
@@ -124,21 +122,7 @@ def test_scoring_pass_and_fisher_under_zero3_equal_the_unwrapped_model(gloo):
     plain = lora_model(layers=3)
     sharded = copy.deepcopy(plain)
     zero3(sharded)
-    batch = make_batch(n=4)
-    scores = [PerSampleGradients(m).score(batch, gram=True) for m in (plain, sharded)]
-    assert scores[0].sq_norms.min() > 0
-    torch.testing.assert_close(scores[1].sq_norms, scores[0].sq_norms, rtol=1e-5, atol=0)
-    torch.testing.assert_close(scores[1].gram, scores[0].gram, rtol=1e-5, atol=1e-9)
-    fisher = []
-    for m in (plain, sharded):
-        blocks = find_decoder_blocks(m)
-        per_block = [[p for _, p in named] for named in trainable_by_block(m, blocks)[0]]
-        rows = [{k: v[i : i + 1] for k, v in batch.items()} for i in range(4)]
-        fisher.append(diagonal_fisher(m, rows, per_block, blocks=blocks.blocks))
-    for fp, fs in zip(fisher[0], fisher[1]):
-        for a, b in zip(fp, fs):
-            assert a.abs().sum() > 0
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-12)
+    assert_scores_and_fisher_equal(plain, sharded)
 
 
 def adamw_step(engine, model, batch):
