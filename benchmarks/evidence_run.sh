@@ -37,9 +37,12 @@ commit_results() {  # only the result files; retry while another git command hol
   echo "could not commit the result files of $1" >&2
 }
 
-bench() {  # grid, entries, seed
-  taskset -c "$core" "$GASTUNE" bench --config "$1" --methods "$2" --seeds "$3" || true
-  commit_results "$(basename "$1" .yaml) seed $3"
+bench() {  # grid, entries, seed: one entry at a time, each run file committed when it exists
+  local entry
+  for entry in ${2//,/ }; do
+    taskset -c "$core" "$GASTUNE" bench --config "$1" --methods "$entry" --seeds "$3" || true
+    commit_results "$(basename "$1" .yaml): $entry seed $3"
+  done
 }
 
 # The untrained model on the same 800 questions: the base of "how much of its gain B keeps".
