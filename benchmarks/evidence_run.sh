@@ -26,8 +26,11 @@ export OMP_NUM_THREADS=1
 
 commit_results() {  # only the result files; retry while another git command holds the index
   ((commit)) || return 0
-  local paths=(docs/evidence-a/results docs/evidence-b/results)
-  [[ -f docs/evidence-a/base.json ]] && paths+=(docs/evidence-a/base.json)
+  local paths=() p
+  for p in docs/evidence-a/results docs/evidence-b/results docs/evidence-a/base.json; do
+    [[ -e $p ]] && paths+=("$p")  # git add fails on a path that does not exist yet
+  done
+  ((${#paths[@]})) || return 0
   for _ in 1 2 3 4 5 6 7 8 9 10; do
     git add -- "${paths[@]}" 2>/dev/null || { sleep 3; continue; }
     git diff --cached --quiet -- "${paths[@]}" && return 0
