@@ -194,6 +194,27 @@ def test_sparse_methods_refuse_fsdp1_in_one_line(tmp_path, monkeypatch):
     check_sharding(trainer)
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_layer_freezing_methods_refuse_zero1_and_zero2_in_one_line(stage, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from gastune.methods import build_method
+
+    trainer = _sharded_trainer(tmp_path, monkeypatch, "zero3")
+    plugin = SimpleNamespace(zero_stage=stage)
+    monkeypatch.setattr(type(trainer.accelerator.state), "deepspeed_plugin", property(lambda _: plugin))
+    monkeypatch.setattr("gastune.training.trainer.is_deepspeed_zero3_enabled", lambda: False)
+    check_sharding(trainer)  # gast selects samples, it freezes nothing: allowed
+    for name in ("lisa", "ist", "rst", "fisher", "gast+ist"):
+        monkeypatch.setattr(trainer, "method", build_method(config(tmp_path, method=name)))
+        with pytest.raises(GastuneError, match=f"method '{re.escape(name)}' freezes layers per step") as err:
+            check_sharding(trainer)
+        assert f"ZeRO-{stage} " in str(err.value) and "\n" not in str(err.value)
+    # the same methods under ZeRO-3, where frozen sub-groups are skipped (gastune.training.zero3)
+    monkeypatch.setattr("gastune.training.trainer.is_deepspeed_zero3_enabled", lambda: True)
+    check_sharding(trainer)
+
+
 @pytest.mark.parametrize("backend", ["fsdp2", "zero3"])
 def test_every_method_is_accepted_under_fsdp2_and_zero3(backend, tmp_path, monkeypatch):
     # gast; tests/integration/test_fsdp2_methods.py and test_zero3_methods.py train every method

@@ -37,6 +37,7 @@ from gastune.engine.loss import per_sample_loss
 from gastune.engine.support import SUPPORT_ROWS_KEY, one_pass_loss
 from gastune.errors import GastuneError, TrainingFailed
 from gastune.methods import TrainingMethod, build_method
+from gastune.methods.layerwise import LayerwiseMethod
 from gastune.models.quantization import is_quantized
 from gastune.training import checkpoint, identity
 from gastune.training.fsdp_resume import lenient_optimizer_state_loading
@@ -347,6 +348,15 @@ def check_sharding(trainer) -> None:
     and a bitsandbytes-quantised base under any kind of sharding. Dense LoRA/DoRA are plain
     Trainer training.
     """
+    stage = _deepspeed_stage(trainer)
+    if stage in (1, 2) and isinstance(trainer.method, LayerwiseMethod):
+        # ZeRO-1/2 step one flat fp32 partition per parameter group, with zeros for a frozen
+        # tensor's gradient: AdamW would still decay and move the layers the method froze.
+        raise GastuneError(
+            f"method '{trainer.method.name}' freezes layers per step, which DeepSpeed ZeRO-{stage} "
+            "would still update (one flat partition per parameter group); use DeepSpeed ZeRO-3 "
+            "(configs/deepspeed/zero3.json), FSDP2 or data parallel"
+        )
     sharded = None
     if getattr(trainer, "is_fsdp_enabled", False):
         plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
@@ -368,6 +378,14 @@ def check_sharding(trainer) -> None:
         "use FSDP2 (fsdp_version: 2), DeepSpeed ZeRO-3 or ZeRO-2, data parallel "
         "(configs/accelerate/ddp_*.yaml), or a dense method"
     )
+
+
+def _deepspeed_stage(trainer) -> int | None:
+    """The ZeRO stage of a DeepSpeed run, or ``None`` without DeepSpeed."""
+    if not getattr(trainer, "is_deepspeed_enabled", False):
+        return None
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    return 3 if is_deepspeed_zero3_enabled() else getattr(plugin, "zero_stage", None)
 
 
 def _selection_engine(method):
