@@ -4,7 +4,7 @@
 #   (a) the engine, fused loss and one-pass support against their references on the device,
 #       fp32 and bf16 (tests/unit/test_device_equality.py with GASTUNE_TEST_DEVICE);
 #   (b) step_cost.py at the paper's setting: random-init LLaMA-7B shape, bf16, 16 × 256, for
-#       peer, lora, gast, gast-batch, gast-onepass and ist, as ratios, memory = torch.cuda.max_memory_allocated;
+#       peer, lora, gast (one pass), gast-batch, gast-twopass and ist, as ratios, memory = torch.cuda.max_memory_allocated;
 #   (c) a 20-step train + eval through gastune's own entry points (benchmarks/gpu_train_eval.py:
 #       the default model's architecture, random-init, on real commonsense records carried in
 #       benchmarks/data — the GPU machine has no gguf, datasets or network).
@@ -52,7 +52,7 @@ GASTUNE_TEST_DEVICE=$DEVICE $PY -m pytest -q -p no:cacheprovider tests/unit/test
 
 stamp "(b) step cost: $SHAPE, bf16, ${SIZE[*]}"
 $PY benchmarks/step_cost.py --device "$DEVICE" --shape "$SHAPE" --bf16 \
-    --methods peer,lora,gast,gast-batch,gast-onepass,ist "${SIZE[@]}" --rounds 1 \
+    --methods peer,lora,gast,gast-batch,gast-twopass,ist "${SIZE[@]}" --rounds 1 \
     --out "$OUT/step_cost_gpu.json"
 
 stamp "(c) train + eval on $DEVICE"

@@ -6,11 +6,12 @@ batches. Each (variant, round) runs in a fresh subprocess so its peak memory is 
 rounds alternate variants (A B C C B A …) so machine noise hits all of them alike.
 
 Variants: ``peer``, any registered method (``lora``, ``gast``, ``ist``, ``rst`` …; docs/methods.md),
-``gast-batch`` (GAST with ``--gast_support batch``) and ``gast-onepass`` (GAST with the support
-rows riding in the batch's forward/backward instead of a separate pass, the default).
+``gast-batch`` (GAST with ``--gast_support batch``), ``gast-twopass`` (GAST with a separate
+support pass, ``--gast_support_pass two``: the memory option) and ``gast-onepass`` (the support
+rows riding in the batch's forward/backward: what ``gast`` runs by default).
 
 Run (CPU, embedded model, the issue's setting):
-    python benchmarks/step_cost.py --methods peer,lora,gast,gast-batch,gast-onepass,ist,rst --batch 16 --seq 256 \
+    python benchmarks/step_cost.py --methods peer,lora,gast,gast-batch,gast-twopass,ist,rst --batch 16 --seq 256 \
         --steps 3 --out docs/results/step_cost_cpu.json --readme
 GPU, randomly initialised LLaMA-7B shape in bf16 (benchmarks/gpu_check.sh):
     python benchmarks/step_cost.py --device cuda --shape llama-7b --bf16 --out docs/results/step_cost_gpu.json
@@ -260,7 +261,7 @@ def publish(report: dict, args) -> None:
 LABELS = {
     "peer": "peer: `transformers.Trainer` + peft LoRA, model's own loss",
     "gast-batch": "gastune gast, `--gast_support batch`",
-    "gast": "gastune gast (support drawn from the training set)",
+    "gast": "gastune gast (support drawn from the training set; one pass, the default)",
     "gast-onepass": "gastune gast, `--gast_support_pass one`",
     "gast-twopass": "gastune gast, `--gast_support_pass two`",
 }

@@ -33,7 +33,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
     assert "all checks passed" in out.stdout
     cost = json.loads((tmp_path / "step_cost_gpu.json").read_text())
-    assert set(cost["summary"]) == {"peer", "lora", "gast", "gast-batch", "gast-onepass", "ist"}
+    assert set(cost["summary"]) == {"peer", "lora", "gast", "gast-batch", "gast-twopass", "ist"}
     assert cost["settings"]["bf16"] and cost["settings"]["shape"] == "tiny"
     assert all(s["peak_memory_bytes"] > 0 and s["median_step_s"] > 0 for s in cost["summary"].values())
     run = json.loads((tmp_path / "train_eval.json").read_text())

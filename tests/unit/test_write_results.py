@@ -150,3 +150,16 @@ def test_noisy_runs_report_what_is_kept(tmp_path, monkeypatch):
     assert (
         "(v) robustness to noisy labels (30% of the answers wrong): gast − lora not yet run (partial" in page
     )
+
+
+def test_a_verdict_from_some_of_the_seeds_says_partial_in_its_headline(tmp_path):
+    from gastune.experiments.verdicts import QUESTIONS as ASKED
+    from gastune.experiments.verdicts import question_verdict
+
+    runs = [fake_run(name, 0, shift, 0.5, tmp_path) for name, shift in (("gast", 0.0), ("ist", 0.3))]
+    gast_vs_ist = next(q for q in ASKED if q.key == "ii")
+    partial = question_verdict(gast_vs_ist, runs, expected_seeds=range(5), n_boot=200)
+    assert partial["summary"] == "gast better on NLL (resolved) — partial: 1 of 5 seeds"
+    assert partial["lines"][0].startswith("gast vs ist (partial: 1 of 5 seeds): **gast better**")
+    whole = question_verdict(gast_vs_ist, runs, expected_seeds=[0], n_boot=200)
+    assert whole["summary"] == "gast better on NLL (resolved)"

@@ -120,8 +120,9 @@ def question_verdict(
 
     ``summary`` is "not yet run" when no pair has a run on both sides, else about the headline
     (first) pair: "gast better on NLL (resolved)" (whoever its resolved difference favours),
-    "no resolved difference on NLL", or that it has not run yet while others have; ``lines`` hold every pair's sentence, each
-    marked "partial" when fewer seeds than ``expected_seeds`` went in.
+    "no resolved difference on NLL", or that it has not run yet while others have, followed by
+    "— partial: s of S seeds" when fewer seeds than ``expected_seeds`` went in; ``lines`` hold
+    every pair's sentence, each marked "partial" likewise.
     """
     lines, comparisons, seen = [], [], set()
     for a, b in question.pairs:
@@ -154,6 +155,9 @@ def question_verdict(
         summary = f"{headline['better']} better on NLL (resolved)"
     else:
         summary = "no resolved difference on NLL"
+    if headline is not None and len(headline["seeds"]) < len(expected_seeds):
+        # a verdict from some of the seeds may not survive the rest: the headline says so too
+        summary += f" — partial: {len(headline['seeds'])} of {len(expected_seeds)} seeds"
     return {
         "key": question.key,
         "title": question.title,

@@ -28,13 +28,13 @@ class GastMethod(TrainingMethod):
             (draw from ``support_dataset``) or ``batch`` (the batch's own mean gradient).
         seed: seeds the support draws and the per-layer selection draws.
         keep_masks: how many recent selection masks to keep for the heatmap.
-        support_pass: ``two`` (default) — a separate support forward/backward first;
-            ``one`` — the support rows ride in the batch's forward/backward and their
-            per-sample gradients give G_l at each block's gate (same selections and update;
-            the same FLOPs, but the forward holds N + K_sup rows: ×1.23 peak memory of
-            ``two`` at 16 × 256 in docs/results/step_cost_cpu.json). ``one`` falls back to
-            ``two`` when trainable parameters lie outside the decoder blocks (the support
-            rows would train them).
+        support_pass: ``one`` (default) — the support rows ride in the batch's
+            forward/backward and their per-sample gradients give G_l at each block's gate;
+            ``two`` — a separate support forward/backward first (same selections and update,
+            the same FLOPs; one pass is ×0.96 the time of two, but its forward holds
+            N + K_sup rows: ×1.19 the peak memory at 16 × 256 in
+            docs/results/step_cost_cpu.json). ``one`` falls back to ``two`` when trainable
+            parameters lie outside the decoder blocks (the support rows would train them).
     """
 
     name = "gast"
@@ -47,7 +47,7 @@ class GastMethod(TrainingMethod):
         support_dataset=None,
         seed: int = 0,
         keep_masks: int = 256,
-        support_pass: str = "two",
+        support_pass: str = "one",
     ):
         if support not in ("train", "heldout", "batch"):
             raise GastuneError(f"support must be train, heldout or batch, got '{support}'")

@@ -194,10 +194,10 @@ class GastuneConfig(TrainingArguments):
         default="train", metadata={"help": "GAST support source: train (fresh draw), heldout, or batch."}
     )
     gast_support_pass: str = field(
-        default="two",
+        default="one",
         metadata={
-            "help": "GAST: two (a separate support pass first; the default: less activation memory) or "
-            "one (support rows ride in the batch's forward/backward: N + K_sup rows at once)."
+            "help": "GAST: one (the default: support rows ride in the batch's forward/backward, "
+            "N + K_sup rows at once; faster) or two (a separate support pass first; less activation memory)."
         },
     )
     gast_selection: str = field(default="softmax", metadata={"help": "GAST: softmax, random or topk."})
