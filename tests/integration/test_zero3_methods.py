@@ -108,7 +108,11 @@ def test_zero3_frozen_layers_get_no_update_and_keep_their_optimizer_state(launch
                 torch.testing.assert_close(mine, whole[start : start + len(mine)], rtol=1e-5, atol=1e-7)
                 checked += 1
     assert checked > 0
-    assert_same(params, reference.params(0), "parameters vs the DDP recipe", atol=1e-6)
+    # AdamW's step lr·m/√v amplifies the reduction-order noise of tiny gradients (ZeRO-3's
+    # reduce-scatter vs DDP's all-reduce; seen up to 1.9e-6 at lr 1e-2). A frozen layer that
+    # moved would be off by ~lr = 1e-2 per step (its moments are not zero), and its step count
+    # (checked above) would differ.
+    assert_same(params, reference.params(0), "parameters vs the DDP recipe", atol=1e-5)
 
 
 # ------------------------------------------------------------ resume
