@@ -33,6 +33,15 @@ METHOD_FLAGS = {
     "greats": ["--greats_val_size", "2"],
     "random-half": [],
 }
+# Test case → (method, flags): every method as above, and GAST twice more with its support drawn
+# from the training set (the library default; the recipe's `gast` uses the batch itself), with
+# the support rows in the batch's forward/backward (one pass, the default) and in a pass of
+# their own. Each rank draws its own support rows, in DDP and FSDP2/ZeRO-3 alike.
+DRAWN = ["--gast_support", "train", "--gast_support_size", "2"]
+CASES = {name: (name, flags) for name, flags in METHOD_FLAGS.items()} | {
+    "gast-drawn": ("gast", DRAWN),
+    "gast-drawn-twopass": ("gast", [*DRAWN, "--gast_support_pass", "two"]),
+}
 
 
 @pytest.fixture(scope="module")
@@ -55,10 +64,11 @@ def assert_same_selections(run: Run, reference: Run, method: str) -> None:
                 assert torch.equal(a, b), f"{method} rank {rank} {key} step {step}:\n{a}\nvs DDP\n{b}"
 
 
-@pytest.mark.parametrize("method", list(METHOD_FLAGS))
-def test_fsdp2_trains_every_method_like_data_parallel(method, launch):
-    extra = [*SGD, *STEPS, *METHOD_FLAGS[method]]
-    run = launch(f"fsdp2-{method}", FSDP2, method, extra, cpu_fsdp=True).ok()
+@pytest.mark.parametrize("case", list(CASES))
+def test_fsdp2_trains_every_method_like_data_parallel(case, launch):
+    method, flags = CASES[case]
+    extra = [*SGD, *STEPS, *flags]
+    run = launch(f"fsdp2-{case}", FSDP2, method, extra, cpu_fsdp=True).ok()
     for rank in (0, 1):
         engine = run.engine(rank)
         assert engine["fsdp"] and engine["fsdp_version"] == 2 and engine["backend"] == "gloo", engine

@@ -20,8 +20,8 @@ import torch
 from tests.helpers import REPO
 from tests.integration.test_distributed_engines import SGD, Launcher, Run, assert_same, needs_deepspeed
 from tests.integration.test_fsdp2_methods import (
+    CASES,
     LISA,
-    METHOD_FLAGS,
     STEPS,
     assert_same_selections,
     assert_trained_like_ddp,
@@ -50,10 +50,11 @@ def assert_zero3(run: Run, optimizer: str) -> None:
         assert engine["zero3_partitioned_params"] == engine["params"] > 0, engine
 
 
-@pytest.mark.parametrize("method", list(METHOD_FLAGS))
-def test_zero3_trains_every_method_like_data_parallel(method, launch):
-    extra = [*SGD, *STEPS, *METHOD_FLAGS[method]]
-    run = launch(f"zero3-{method}", ZERO3, method, extra).ok()
+@pytest.mark.parametrize("case", list(CASES))
+def test_zero3_trains_every_method_like_data_parallel(case, launch):
+    method, flags = CASES[case]
+    extra = [*SGD, *STEPS, *flags]
+    run = launch(f"zero3-{case}", ZERO3, method, extra).ok()
     assert_zero3(run, "SGD")
     assert_trained_like_ddp(run, launch.ddp(method, extra), method)
 

@@ -63,6 +63,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"gastune {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        close_process_group()
+
+
+def close_process_group() -> None:
+    """Tear a distributed run's process group down before the interpreter exits, as torch asks.
+
+    Left to exit, gloo's threads can abort a rank whose run had finished and saved
+    ("terminate called without an active exception", exit -6): a finished run must not look
+    like a failed one.
+    """
+    if "torch" not in sys.modules:  # nothing distributed ran (e.g. `gastune --help`)
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
