@@ -30,10 +30,10 @@ class GastMethod(TrainingMethod):
         keep_masks: how many recent selection masks to keep for the heatmap.
         support_pass: ``one`` (default) — the support rows ride in the batch's
             forward/backward and their per-sample gradients give G_l at each block's gate;
-            ``two`` — a separate support forward/backward first (same selections and update,
-            the same FLOPs; one pass is ×0.96 the time of two, but its forward holds
-            N + K_sup rows: ×1.19 the peak memory at 16 × 256 in
-            docs/results/step_cost_cpu.json). ``one`` falls back to ``two`` when trainable
+            ``two`` — a separate support forward/backward first. Same selections, update
+            and FLOPs; one pass took ×0.96 and ×1.01 the time of two in two step_cost runs,
+            but its forward holds N + K_sup rows: ×1.2 the peak memory at 16 × 256
+            (docs/results/step_cost_cpu.json). ``one`` falls back to ``two`` when trainable
             parameters lie outside the decoder blocks (the support rows would train them).
     """
 
