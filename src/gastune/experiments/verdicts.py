@@ -113,6 +113,12 @@ def pair_sentence(nll: dict[str, Any], accuracy: dict[str, Any] | None) -> str:
     return text
 
 
+def seeds_short(comparison: dict[str, Any], expected_seeds: Sequence[int]) -> str:
+    """ "partial: s of S seeds" when fewer seeds than expected went into ``comparison``, else ""."""
+    done, expected = len(comparison["seeds"]), len(expected_seeds)
+    return f"partial: {done} of {expected} seeds" if done < expected else ""
+
+
 def question_verdict(
     question: Question, runs: Sequence[dict[str, Any]], expected_seeds: Sequence[int], n_boot: int = 4000
 ) -> dict[str, Any]:
@@ -139,12 +145,8 @@ def question_verdict(
         label = f"{ra} vs {rb}" + (
             " (each at its better learning rate among those run, by mean NLL)" if a != ra or b != rb else ""
         )
-        partial = (
-            ""
-            if len(nll["seeds"]) >= len(expected_seeds)
-            else f" (partial: {len(nll['seeds'])} of {len(expected_seeds)} seeds)"
-        )
-        lines.append(f"{label}{partial}: {pair_sentence(nll, accuracy)}")
+        partial = seeds_short(nll, expected_seeds)
+        lines.append(f"{label}{f' ({partial})' if partial else ''}: {pair_sentence(nll, accuracy)}")
     headline = next((c for c in comparisons if c["metric"] == "nll"), None)
     first_a, first_b = (resolve(x, runs) for x in question.pairs[0])
     if headline is None:
@@ -155,9 +157,9 @@ def question_verdict(
         summary = f"{headline['better']} better on NLL (resolved)"
     else:
         summary = "no resolved difference on NLL"
-    if headline is not None and len(headline["seeds"]) < len(expected_seeds):
-        # a verdict from some of the seeds may not survive the rest: the headline says so too
-        summary += f" — partial: {len(headline['seeds'])} of {len(expected_seeds)} seeds"
+    short = seeds_short(headline, expected_seeds) if headline is not None else ""
+    if short:  # a verdict from some of the seeds may not survive the rest: the headline says so too
+        summary += f" — {short}"
     return {
         "key": question.key,
         "title": question.title,

@@ -197,7 +197,7 @@ class GastuneConfig(TrainingArguments):
         default="one",
         metadata={
             "help": "GAST: one (the default: support rows ride in the batch's forward/backward, "
-            "N + K_sup rows at once; faster) or two (a separate support pass first; less activation memory)."
+            "N + K_sup rows at once) or two (a separate support pass first; less activation memory)."
         },
     )
     gast_selection: str = field(default="softmax", metadata={"help": "GAST: softmax, random or topk."})

@@ -362,7 +362,7 @@ def check_sharding(trainer) -> None:
         plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
         version = getattr(plugin, "fsdp_version", 1)
         sharded = f"FSDP{version}"
-    elif getattr(trainer, "is_deepspeed_enabled", False) and is_deepspeed_zero3_enabled():
+    elif stage == 3:
         sharded = "DeepSpeed ZeRO-3"
     if sharded is None:
         return
