@@ -55,13 +55,18 @@ def machine_info(device: str = "cpu") -> dict[str, Any]:
     }
 
 
+def command_line() -> str:
+    """This process's command line, as ``python ARGV...`` (shell-quoted)."""
+    return "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
 def provenance(device: str = "cpu") -> dict[str, Any]:
     """git, machine, UTC date and the command line of this process."""
     return {
         "git": git_info(),
         "machine": machine_info(device),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+        "command": command_line(),
     }
 
 

@@ -20,6 +20,7 @@ from gastune.experiments import (
 )
 from gastune.experiments import runner as runner_module
 from gastune.models.loading import load_tokenizer
+from gastune.provenance import command_line
 from tests.conftest import tiny_llama_for
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -212,6 +213,8 @@ def test_isolated_run_in_a_subprocess(assets, tmp_path):
     assert outcome.done == ["lora-seed0"]
     result = json.loads((tmp_path / "results" / "lora-seed0.json").read_text())
     assert result["train"]["peak_rss_since"] == "train_begin" and result["machine"]["torch_threads"] == 1
+    # The run file names the command that started the grid, not the subprocess's "python -c".
+    assert result["command"] == command_line() and " -c " not in result["command"]
 
 
 # ---- the report ------------------------------------------------------------------------------------

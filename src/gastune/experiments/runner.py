@@ -34,7 +34,7 @@ from typing import Any
 from gastune.errors import GastuneError
 from gastune.experiments.grid import Grid, RunSpec, build_configs, grid_from_dict
 from gastune.experiments.resume import clear_checkpoints, plan_run_dir
-from gastune.provenance import provenance, write_json
+from gastune.provenance import command_line, provenance, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -305,6 +305,7 @@ def run_one(grid: Grid, run: RunSpec) -> dict[str, Any]:
         "selection": _selection(trained.trainer.method),
         **provenance(str(trained.trainer.args.device)),
     }
+    document["command"] = os.environ.get(GRID_COMMAND_ENV, document["command"])
     write_json(grid.result_path(run), document)
     clear_checkpoints(config.output_dir)  # the run is done: its adapter stays, not its checkpoints
     logger.info(
@@ -336,13 +337,19 @@ def check_grid(grid: Grid) -> None:
         build_configs(grid.settings(run))
 
 
+# A run's subprocess is "python -c ... GRID.json NAME SEED" on a temporary file, which tells a
+# reader nothing; its run file names the command that started the grid instead.
+GRID_COMMAND_ENV = "GASTUNE_GRID_COMMAND"
+
+
 def _run_subprocess(grid: Grid, run: RunSpec) -> bool:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(grid.to_dict(), handle)
     try:
         entry = "import sys; from gastune.experiments.runner import main; sys.exit(main(sys.argv[1:]))"
         cmd = [sys.executable, "-c", entry, handle.name, run.name, str(run.seed)]
-        done = subprocess.run(cmd, check=False)  # its output streams to ours: progress stays visible
+        env = {**os.environ, GRID_COMMAND_ENV: os.environ.get(GRID_COMMAND_ENV, command_line())}
+        done = subprocess.run(cmd, check=False, env=env)  # its output streams to ours: progress stays visible
     finally:
         os.unlink(handle.name)
     return done.returncode == 0 and grid.result_path(run).is_file()
