@@ -57,12 +57,15 @@ def experiment_section(title: str, grid_path: str, grid: Grid, runs: list[dict],
     lines += ["", *(f"- {line}" for line in describe(runs))]
     if missing:
         lines.append(f"- Partial: {len(done)} of {len(expected)} runs done; missing: {', '.join(missing)}.")
+    lines.append(f"- {compute_line(runs)}")
     summary = summarize(runs, order=[m.name for m in grid.methods])
     lines += [
         "",
         "NLL: held-out NLL of the gold response, nats per token (mean over questions; lower is better); "
         "accuracy in %; both mean ± sample std over seeds. Cost: seconds per optimizer step and peak "
-        "memory, with ratios to LoRA.",
+        "memory, with ratios to LoRA. They are each run's own, on a shared machine whose other core ran "
+        "another run or a benchmark for most of them, so they move with that load; the controlled cost "
+        "comparison is benchmarks/step_cost.py's (the README's Cost table).",
         "",
         format_summary_table(summary),
         "",
@@ -84,6 +87,17 @@ def experiment_section(title: str, grid_path: str, grid: Grid, runs: list[dict],
         "",
     ]
     return lines
+
+
+def compute_line(runs: list[dict]) -> str:
+    """What the runs cost in core-hours: training wall clock + evaluation, one core each."""
+    train = sum(r["train"].get("train_seconds") or 0.0 for r in runs) / 3600
+    scoring = sum(r["eval"].get("seconds") or 0.0 for r in runs) / 3600
+    return (
+        f"Compute: {train + scoring:.2f} core-hours ({train:.2f} training + {scoring:.2f} evaluation, "
+        "each run's own wall clock on one core); `python benchmarks/evidence_budget.py --fold 0.94 "
+        "--spent` sets them against the plan's estimate."
+    )
 
 
 def kept_section(clean: list[dict], noisy: list[dict], base_path: Path) -> list[str]:

@@ -45,11 +45,13 @@ def fake_run(name: str, seed: int, shift: float, right: float, results: Path) ->
             "train_loss": 1.5,
             "steps": 12,
             "seconds_per_step": 2.0 if name == "gast" else 1.0,
+            "train_seconds": 24.0 if name == "gast" else 12.0,
             "step_times_s": [2.0 if name == "gast" else 1.0] * 12,
             "peak_rss_bytes": 2**30,
             "peak_cuda_bytes": None,
         },
         "eval": {
+            "seconds": 30.0,
             "settings": {
                 "data": "commonsense",
                 "split": "validation",
@@ -116,6 +118,8 @@ def test_page_from_synthetic_runs(tmp_path, monkeypatch):
     assert f"[{expected['low']:+.4f}, {expected['high']:+.4f}]" in page and expected["high"] < -0.15
     assert "gast-lr3e-4 − lora-lr3e-4: not yet run" in page
     assert "Partial: 12 of 27 runs done" in page and "none of its 18 run files exists yet" in page
+    # 3 gast runs x 24 s + 9 others x 12 s of training, 12 x 30 s of evaluation.
+    assert "Compute: 0.15 core-hours (0.05 training + 0.10 evaluation" in page
     for figure in ("loss_step_time.png", "selection_heatmap.png"):
         assert (tmp_path / "a" / figure).read_bytes().startswith(b"\x89PNG")
         assert f"(../a/{figure})" in page
