@@ -436,3 +436,31 @@ def test_bad_eval_format_and_rule_are_refused(fields, message):
     with pytest.raises(GastuneError, match=message):
         EvalSpec(**fields)
     assert EvalSpec(format="rc", rule="mean").format == "rc"
+
+
+def _bench_args(config, **flags):
+    from argparse import Namespace
+
+    base = dict(config=str(config), methods=None, seeds=None, set=[], eval_set=[], docs=None, threads=None)
+    return Namespace(**{**base, "results": None, "runs_dir": None, **flags})
+
+
+def test_results_elsewhere_get_run_folders_of_their_own(tmp_path):
+    # A quick check writing its results elsewhere must not use the grid's run folders: it
+    # would delete a real run's checkpoints there as "other settings", or write into a run
+    # in progress.
+    from gastune.cli.bench_cmd import build_grid
+
+    config = tmp_path / "grid.yaml"
+    config.write_text(
+        f"methods: [lora]\nresults: {tmp_path}/results\nruns_dir: {tmp_path}/runs\ntrain: {{model: tiny}}\n"
+    )
+    assert build_grid(_bench_args(config)).runs_dir == f"{tmp_path}/runs"
+    same = build_grid(_bench_args(config, results=f"{tmp_path}/results/"))
+    assert same.runs_dir == f"{tmp_path}/runs"  # the grid's own results: its own run folders
+    quick = build_grid(_bench_args(config, results=str(tmp_path / "quick")))
+    other = build_grid(_bench_args(config, results=str(tmp_path / "other")))
+    assert quick.runs_dir.startswith(f"{tmp_path}/runs-") and len({quick.runs_dir, other.runs_dir}) == 2
+    assert build_grid(_bench_args(config, results=str(tmp_path / "quick"))).runs_dir == quick.runs_dir
+    explicit = build_grid(_bench_args(config, results=str(tmp_path / "quick"), runs_dir=str(tmp_path / "x")))
+    assert explicit.runs_dir == str(tmp_path / "x")

@@ -17,10 +17,14 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import hashlib
+import logging
 import re
 from pathlib import Path
 
 from gastune.errors import GastuneError
+
+logger = logging.getLogger(__name__)
 
 
 def add_parser(sub) -> None:
@@ -41,6 +45,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--results", default=None, help="folder of the per-run result files")
     p.add_argument("--docs", default=None, help="folder for the table, summary and plots")
+    p.add_argument(
+        "--runs-dir",
+        default=None,
+        help="folder of the run folders (adapters, checkpoints); with --results elsewhere and no "
+        "--runs-dir, a folder of their own next to the grid's",
+    )
     p.add_argument("--max-runs", type=int, default=None, help="run at most this many missing runs now")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per run")
     p.add_argument("--in-process", action="store_true", help="run in this process, not one subprocess each")
@@ -73,7 +83,7 @@ def _csv(text: str | None) -> list[str]:
 
 def build_grid(args: argparse.Namespace):
     """The grid from ``--config`` (or from the flags alone), with the flags' overrides applied."""
-    from gastune.experiments.grid import grid_from_dict, load_grid
+    from gastune.experiments.grid import Grid, grid_from_dict, load_grid
 
     if args.config:
         data = load_grid(args.config).to_dict()
@@ -95,10 +105,28 @@ def build_grid(args: argparse.Namespace):
             raise GastuneError(f"--seeds takes integers, got '{args.seeds}'") from exc
     data["train"] = {**data.get("train", {}), **_pairs(args.set, "--set")}
     data["eval"] = {**data.get("eval", {}), **_pairs(args.eval_set, "--eval-set")}
-    for key in ("results", "docs", "threads"):
+    grid_results = data.get("results", Grid.results)
+    for key in ("results", "docs", "threads", "runs_dir"):
         if getattr(args, key) is not None:
             data[key] = getattr(args, key)
+    if args.results is not None and args.runs_dir is None:
+        data["runs_dir"] = _own_runs_dir(data.get("runs_dir", Grid.runs_dir), grid_results, args.results)
     return grid_from_dict(data)
+
+
+def _own_runs_dir(runs_dir: str, grid_results: str, results: str) -> str:
+    """Run folders for results written elsewhere than the grid's: never the grid's own.
+
+    A quick check (other settings, other results) sharing the grid's run folders would find a
+    real run's checkpoints there and delete them as "other settings", or write into the folder
+    of a run in progress.
+    """
+    if Path(results).resolve() == Path(grid_results).resolve():
+        return runs_dir
+    tag = hashlib.sha1(str(Path(results).resolve()).encode()).hexdigest()[:8]
+    own = f"{runs_dir.rstrip('/')}-{tag}"
+    logger.info("results in %s, not the grid's %s: run folders in %s", results, grid_results, own)
+    return own
 
 
 def run(args: argparse.Namespace) -> int:
