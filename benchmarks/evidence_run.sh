@@ -43,7 +43,11 @@ commit_results() {  # only the result files; retry while another git command hol
 bench() {  # grid, entries, seed: one entry at a time, each run file committed when it exists
   local entry
   for entry in ${2//,/ }; do
-    taskset -c "$core" "$GASTUNE" bench --config "$1" --methods "$entry" --seeds "$3" || true
+    # The report pages go to an untracked folder: rewritten after every run, in docs/ they
+    # would leave the checkout dirty while the next run file is written. At a stop point,
+    # `gastune bench --config G --report-only` and write_results.py write the tracked ones.
+    taskset -c "$core" "$GASTUNE" bench --config "$1" --methods "$entry" --seeds "$3" \
+      --docs "runs/evidence-reports/core$core-$(basename "$1" .yaml)" || true
     commit_results "$(basename "$1" .yaml): $entry seed $3"
   done
 }

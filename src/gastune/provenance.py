@@ -19,9 +19,11 @@ from typing import Any
 
 
 def git_info(path: str | Path | None = None) -> dict[str, Any]:
-    """``{"commit", "dirty"}`` of the git checkout holding ``path`` (default: this package).
+    """``{"commit", "dirty", "changed"}`` of the git checkout holding ``path`` (default: this package).
 
-    Both are ``None`` outside a checkout or without git.
+    ``changed`` lists the tracked files that differ from the commit, so that a reader can tell
+    a run made beside regenerated docs from one made with edited code. All are ``None``
+    outside a checkout or without git.
     """
     cwd = Path(path) if path is not None else Path(__file__).resolve().parent
 
@@ -34,7 +36,11 @@ def git_info(path: str | Path | None = None) -> dict[str, Any]:
 
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return {"commit": commit, "dirty": None if status is None else bool(status)}
+    if status is None:
+        return {"commit": commit, "dirty": None, "changed": None}
+    # porcelain v1: two status letters, a space, the path ("old -> new" for a rename)
+    changed = sorted(line[3:].split(" -> ")[-1] for line in status.splitlines() if line.strip())
+    return {"commit": commit, "dirty": bool(changed), "changed": changed}
 
 
 def machine_info(device: str = "cpu") -> dict[str, Any]:

@@ -79,7 +79,7 @@ def test_results_json_has_provenance_and_is_written_atomically(result, tmp_path)
     write_json(path, document)
     data = json.loads(path.read_text())
     assert {"model", "adapter", "git", "date", "machine", "settings", "results"} <= set(data)
-    assert set(data["git"]) == {"commit", "dirty"}
+    assert set(data["git"]) == {"commit", "dirty", "changed"}
     assert {"platform", "cpu_count", "torch", "device"} <= set(data["machine"])
     assert data["date"].endswith("+00:00")  # UTC
     assert data["results"]["average"] == pytest.approx(result.average)

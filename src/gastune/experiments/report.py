@@ -74,9 +74,7 @@ def describe(runs: Sequence[dict[str, Any]]) -> list[str]:
     evaluation = f"{ev['n']} questions ({source}), protocol {protocol}"
     if len({repr(r["eval"]["settings"]) for r in runs}) > 1:
         evaluation += " — WARNING: runs were scored on different samples or protocols"
-    commits = sorted(
-        {(r["git"]["commit"] or "unknown")[:8] + (" (dirty)" if r["git"]["dirty"] else "") for r in runs}
-    )
+    commits = sorted({(r["git"]["commit"] or "unknown")[:8] + _dirty_note(r["git"]) for r in runs})
     machines = sorted({r["machine"]["device_name"] for r in runs})
     dates = sorted(r["date"][:10] for r in runs)
     return [
@@ -84,6 +82,14 @@ def describe(runs: Sequence[dict[str, Any]]) -> list[str]:
         f"Evaluation: {evaluation}.",
         f"Runs: {len(runs)}, {dates[0]} to {dates[-1]}, commits {', '.join(commits)}, on {', '.join(machines)}.",
     ]
+
+
+def _dirty_note(git: dict[str, Any]) -> str:
+    """ " (dirty)", or " (dirty: docs only)" where the run file lists its changed files and none is code."""
+    if not git.get("dirty"):
+        return ""
+    changed = git.get("changed")
+    return " (dirty: docs only)" if changed and all(p.startswith("docs/") for p in changed) else " (dirty)"
 
 
 def bootstrap_comparisons(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
