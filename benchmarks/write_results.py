@@ -32,7 +32,14 @@ from gastune.experiments.paired import format_comparisons
 from gastune.experiments.plots import pick_selection_run, plot_selection
 from gastune.experiments.report import describe
 from gastune.experiments.summary import format_summary_table, load_runs, summarize
-from gastune.experiments.verdicts import QUESTIONS, kept_rows, question_verdict
+from gastune.experiments.verdicts import (
+    QUESTIONS,
+    kept_rows,
+    noise_costs,
+    pair_sentence,
+    question_verdict,
+    seeds_short,
+)
 from gastune.provenance import git_info
 
 NOT_RUN = "not yet run"
@@ -100,35 +107,89 @@ def compute_line(runs: list[dict]) -> str:
     )
 
 
-def kept_section(clean: list[dict], noisy: list[dict], base_path: Path) -> list[str]:
-    """How much of the clean-data result each method keeps at 30% noise."""
+def _pct(x: float | None, scale: float = 100, fmt: str = ".0f", unit: str = "%") -> str:
+    return "-" if x is None else f"{scale * x:{fmt}}{unit}"
+
+
+def _kept_spread(rows: list[dict]) -> str:
+    """Where the two kept columns lie, and why the NLL one says little."""
+    nll = [r["kept"] for r in rows if r["kept"] is not None]
+    acc = [r["acc_kept"] for r in rows if r["acc_kept"] is not None]
+    if not nll or not acc:
+        return ""
+    return (
+        f" Kept spans {100 * min(nll):.0f}–{100 * max(nll):.0f}% on NLL and {100 * min(acc):.0f}–"
+        f"{100 * max(acc):.0f}% on accuracy. The NLL gain over the base includes what any training on "
+        "these prompts learns (the form of an answer), which wrong labels leave alone, so kept on NLL "
+        "is compressed towards 100%; kept on accuracy divides by a gain of a few points and moves a "
+        "lot with it."
+    )
+
+
+def kept_section(clean: list[dict], noisy: list[dict], base_path: Path, costs: list[dict]) -> list[str]:
+    """How much of the clean-data result each method keeps at 30% noise, and the paired cost of the noise."""
     base = json.loads(base_path.read_text()) if base_path.is_file() else None
     base_nll = (base or {}).get("nll", {}).get("mean")
-    rows = kept_rows(clean, noisy, base_nll)
+    base_acc = (base or {}).get("results", {}).get("average")
+    rows = kept_rows(clean, noisy, base_nll, base_acc)
     if not rows:
         return []
     lines = [
-        "How much of the clean-data result each method keeps at 30% noise (kept = (base − noisy) / "
-        "(base − clean) on mean NLL; the clean reference is the same entry in Experiment A, else gast "
-        "for a gast variant, else lora):",
+        "How much of the clean-data result each method keeps at 30% noise: kept = (base − noisy) / "
+        "(base − clean) on mean NLL, and (noisy − base) / (clean − base) on accuracy, where base is the "
+        "untrained model on the same questions; the clean reference is the same entry in Experiment A, "
+        "else gast for a gast variant, else lora:",
         "",
-        "| method (noisy) | NLL | clean reference | its NLL (clean) | kept |",
-        "|---|---:|---|---:|---:|",
+        "| method (noisy) | NLL | clean reference | its NLL (clean) | kept (NLL) | accuracy | its accuracy (clean) "
+        "| kept (accuracy) |",
+        "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        nll = "-" if r["nll"] is None else f"{r['nll']:.4f}"
         clean_nll = NOT_RUN if r["clean_nll"] is None else f"{r['clean_nll']:.4f}"
-        kept = "-" if r["kept"] is None else f"{100 * r['kept']:.0f}%"
-        lines.append(f"| {r['name']} | {nll} | {r['clean'] or '-'} | {clean_nll} | {kept} |")
+        lines.append(
+            f"| {r['name']} | {_pct(r['nll'], 1, '.4f', '')} | {r['clean'] or '-'} | {clean_nll} | "
+            f"{_pct(r['kept'])} | {_pct(r['accuracy'], 100, '.1f', '')} | "
+            f"{_pct(r['clean_accuracy'], 100, '.1f', '')} | {_pct(r['acc_kept'])} |"
+        )
     if base_nll is None:
         lines += ["", f"(No base-model NLL in `{base_path}` yet: kept needs it; see docs/experiments.md.)"]
     else:
-        lines += ["", f"Base model (no training) on the same questions: NLL {base_nll:.4f} (`{base_path}`)."]
+        lines += [
+            "",
+            f"Base model (no training) on the same questions: NLL {base_nll:.4f}, accuracy "
+            f"{_pct(base_acc, 100, '.1f', '')} (`{base_path}`).{_kept_spread(rows)} The paired costs "
+            "below carry the intervals.",
+        ]
+    cost_rows = [c for c in costs if c["kind"] == "cost"]
+    if cost_rows:
+        lines += [
+            "",
+            "What the noise costs, paired by seed and question (each noisy run minus its clean reference "
+            "of the same seed; a − b below):",
+            "",
+            format_comparisons(cost_rows),
+        ]
     return [*lines, ""]
 
 
-def verdict_section(runs_a: list[dict], runs_b: list[dict], grid_a: Grid, grid_b: Grid, n_boot: int):
-    """The plain verdicts (i)–(v) and every paired comparison behind them."""
+def robustness_lines(costs: list[dict], expected_seeds: list[int]) -> tuple[list[str], list[dict]]:
+    """(v)'s difference-of-differences sentences: what the noise costs a method minus what it costs lora."""
+    versus = [c for c in costs if c["kind"] == "versus lora"]
+    lines = []
+    for nll in (c for c in versus if c["metric"] == "nll"):
+        accuracy = next((c for c in versus if c["metric"] == "accuracy" and c["a"] == nll["a"]), None)
+        partial = seeds_short(nll, expected_seeds)
+        label = (
+            f"{nll['a']} − {nll['b']} (each noisy run minus its clean run of the same seed in Experiment A)"
+        )
+        lines.append(f"{label}{f' ({partial})' if partial else ''}: {pair_sentence(nll, accuracy)}")
+    return lines, versus
+
+
+def verdict_section(
+    runs_a: list[dict], runs_b: list[dict], grid_a: Grid, grid_b: Grid, n_boot: int, costs: list[dict]
+):
+    """The plain verdicts (i)–(v) and every paired comparison behind them; (v) adds the noise costs."""
     verdicts = [
         question_verdict(
             q,
@@ -138,6 +199,10 @@ def verdict_section(runs_a: list[dict], runs_b: list[dict], grid_a: Grid, grid_b
         )
         for q in QUESTIONS
     ]
+    extra_lines, extra = robustness_lines(costs, grid_b.seeds)
+    noisy = next(v for v in verdicts if v["key"] == "v")  # the noisy-label question
+    noisy["lines"] += extra_lines
+    noisy["comparisons"] += extra
     lines = ["### Verdicts", ""]
     for v in verdicts:
         lines.append(f"- **({v['key']}) {v['title']}: {v['summary']}.**")
@@ -171,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     page = Path(args.out)
     grid_a, grid_b = load_grid(args.grid_a), load_grid(args.grid_b)
     runs_a, runs_b = _runs(grid_a), _runs(grid_b)
-    verdict_lines, verdicts = verdict_section(runs_a, runs_b, grid_a, grid_b, args.n_boot)
+    costs = noise_costs(runs_a, runs_b, n_boot=args.n_boot) if runs_a and runs_b else []
+    verdict_lines, verdicts = verdict_section(runs_a, runs_b, grid_a, grid_b, args.n_boot, costs)
     commit = (git_info(Path(__file__).parent)["commit"] or "unknown")[:8]
     lines = [
         "# Results",
@@ -190,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         *verdict_lines,
         *experiment_section("Experiment A: clean data", args.grid_a, grid_a, runs_a, page),
         *experiment_section("Experiment B: 30% label noise", args.grid_b, grid_b, runs_b, page),
-        *(kept_section(runs_a, runs_b, Path(args.base_a)) if runs_b else []),
+        *(kept_section(runs_a, runs_b, Path(args.base_a), costs) if runs_b else []),
         *cpu_section(args.cpu_grid, args.cpu_base, page),
     ]
     page.parent.mkdir(parents=True, exist_ok=True)

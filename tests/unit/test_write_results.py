@@ -138,7 +138,7 @@ def test_noisy_runs_report_what_is_kept(tmp_path, monkeypatch):
     fake_run("lora", 0, 0.5, 0.4, tmp_path / "b" / "results")
     fake_run("gast-heldout", 0, 0.25, 0.4, tmp_path / "b" / "results")
     base = tmp_path / "base.json"
-    base.write_text(json.dumps({"nll": {"mean": 2.0}}))
+    base.write_text(json.dumps({"nll": {"mean": 2.0}, "results": {"average": 0.3}}))
     out = tmp_path / "RESULTS.md"
     argv = ["--grid-a", str(grid_a), "--grid-b", str(grid_b), "--base-a", str(base), "--out", str(out)]
     assert write_results.main([*argv, "--n-boot", "200"]) == 0
@@ -151,7 +151,13 @@ def test_noisy_runs_report_what_is_kept(tmp_path, monkeypatch):
         rows["lora"][1:3] == [f"{float(rows['lora'][1]):.4f}", "lora"]
         and abs(float(rows["lora"][1]) - 1.5) < 0.01
     )
-    assert rows["lora"][4] == "50% |" and rows["gast-heldout"][4] == "75% |"
+    assert rows["lora"][4] == "50%" and rows["gast-heldout"][4] == "75%"
+    # accuracy: base 30%, clean lora 50%, noisy lora and gast-heldout 40%: half the gain kept
+    assert rows["lora"][5:] == ["40.0", "50.0", "50% |"] and rows["gast-heldout"][7] == "50% |"
+    # The paired cost of the noise: lora's noisy runs share the clean runs' per-question noise
+    # here (same seed, same name), so the cost is exactly the 0.5 shift and the 10 points.
+    assert "| lora (30% noise) − lora (clean) | nll (nats/token) | 1 | 40 | +0.5000 | +0.5000 |" in page
+    assert "| lora (30% noise) − lora (clean) | accuracy (points) | 1 | 40 | -10.0 |" in page
     assert (
         "(v) robustness to noisy labels (30% of the answers wrong): gast − lora not yet run (partial" in page
     )

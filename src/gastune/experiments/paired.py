@@ -89,33 +89,43 @@ def bootstrap_interval(
     return float(low), float(high)
 
 
-def paired_comparison(
-    runs: Sequence[dict[str, Any]], a: str, b: str, metric: str = "nll", n_boot: int = N_BOOT, seed: int = 0
+def paired_contrast(
+    runs: Sequence[dict[str, Any]],
+    terms: Sequence[tuple[str, float]],
+    labels: tuple[str, str],
+    metric: str = "nll",
+    n_boot: int = N_BOOT,
+    seed: int = 0,
 ) -> dict[str, Any] | None:
-    """Method entry ``a`` minus ``b`` on ``metric``, over their common seeds; None without one.
+    """``Σ weight · metric(entry)`` question by question within a seed, bootstrapped; None without a seed.
 
-    Returns ``{"a", "b", "metric", "seeds", "questions", "mean", "per_seed", "low", "high",
-    "resolved", "better"}``: ``better`` is the entry the resolved difference favours (by the
-    metric's direction), else None. Runs scored on different questions are refused.
+    ``terms`` are (entry name, weight) pairs: ``[(a, 1), (b, -1)]`` is a − b; four terms give a
+    difference of differences, e.g. what the noise costs one method minus what it costs another.
+    Only the seeds every entry has go in. ``labels`` name the two sides ("a", "b") in the result,
+    whose keys are those of :func:`paired_comparison`. Runs scored on different questions are refused.
     """
     by_key = {(r["name"], r["seed"]): r for r in runs}
+    names = list(dict.fromkeys(name for name, _ in terms))
     values = {}
     for (name, s), run in by_key.items():
-        if name in (a, b):
+        if name in names:
             v = per_question(run, metric)
             if v is not None:
                 values[(name, s)] = v
-    seeds = sorted(s for (name, s) in values if name == a and (b, s) in values)
+    seeds = sorted(s for (name, s) in values if name == names[0] and all((n, s) in values for n in names))
     if not seeds:
         return None
     for s in seeds:
-        settings = [by_key[(n, s)]["eval"].get("settings") for n in (a, b)]
-        if settings[0] != settings[1] or len(values[(a, s)]) != len(values[(b, s)]):
-            raise GastuneError(f"{a} and {b} (seed {s}) were scored on different questions: not comparable")
-    diffs = np.array([np.subtract(values[(a, s)], values[(b, s)]) for s in seeds])
+        settings = [by_key[(n, s)]["eval"].get("settings") for n in names]
+        if any(x != settings[0] for x in settings) or len({len(values[(n, s)]) for n in names}) > 1:
+            raise GastuneError(
+                f"{' and '.join(names)} (seed {s}) were scored on different questions: not comparable"
+            )
+    diffs = np.array([sum(w * np.asarray(values[(n, s)]) for n, w in terms) for s in seeds])
     low, high = bootstrap_interval(diffs, n_boot=n_boot, seed=seed)
     resolved = low > 0 or high < 0
     a_better = (diffs.mean() < 0) == METRICS[metric]
+    a, b = labels
     return {
         "a": a,
         "b": b,
@@ -129,6 +139,18 @@ def paired_comparison(
         "resolved": bool(resolved),
         "better": (a if a_better else b) if resolved else None,
     }
+
+
+def paired_comparison(
+    runs: Sequence[dict[str, Any]], a: str, b: str, metric: str = "nll", n_boot: int = N_BOOT, seed: int = 0
+) -> dict[str, Any] | None:
+    """Method entry ``a`` minus ``b`` on ``metric``, over their common seeds; None without one.
+
+    Returns ``{"a", "b", "metric", "seeds", "questions", "mean", "per_seed", "low", "high",
+    "resolved", "better"}``: ``better`` is the entry the resolved difference favours (by the
+    metric's direction), else None. Runs scored on different questions are refused.
+    """
+    return paired_contrast(runs, [(a, 1.0), (b, -1.0)], (a, b), metric, n_boot=n_boot, seed=seed)
 
 
 def _value(metric: str, x: float) -> str:
@@ -145,7 +167,7 @@ def format_comparisons(comparisons: Sequence[dict[str, Any]]) -> str:
         m = c["metric"]
         unit = "points" if m == "accuracy" else "nats/token"
         per_seed = ", ".join(_value(m, x) for x in c["per_seed"])
-        verdict = f"yes: {c['better']} better" if c["resolved"] else "no"
+        verdict = f"yes: {c.get('finding') or c['better'] + ' better'}" if c["resolved"] else "no"
         lines.append(
             f"| {c['a']} − {c['b']} | {m} ({unit}) | {len(c['seeds'])} | {c['questions']} | {per_seed} | "
             f"{_value(m, c['mean'])} | [{_value(m, c['low'])}, {_value(m, c['high'])}] | {verdict} |"

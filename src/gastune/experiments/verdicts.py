@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gastune.experiments.paired import paired_comparison
+from gastune.experiments.paired import paired_comparison, paired_contrast
 
 NOT_RUN = "not yet run"
 LR_VARIANTS = {"lora": ("lora", "lora-lr3e-4"), "gast": ("gast", "gast-lr3e-4")}
@@ -100,15 +100,20 @@ def _numbers(c: dict[str, Any]) -> str:
     )
 
 
+def finding(c: dict[str, Any]) -> str:
+    """What a resolved comparison found ("gast better", or a contrast's own wording)."""
+    return c.get("finding") or f"{c['better']} better"
+
+
 def pair_sentence(nll: dict[str, Any], accuracy: dict[str, Any] | None) -> str:
     """One line: the NLL finding (resolved or not), then accuracy's."""
-    head = f"**{nll['better']} better**" if nll["resolved"] else "**no resolved difference**"
+    head = f"**{finding(nll)}**" if nll["resolved"] else "**no resolved difference**"
     text = (
         f"{head} on NLL: {_numbers(nll)} nats/token over {len(nll['seeds'])} seeds × "
         f"{nll['questions']} questions"
     )
     if accuracy is not None:
-        found = f"{accuracy['better']} better" if accuracy["resolved"] else "not resolved"
+        found = finding(accuracy) if accuracy["resolved"] else "not resolved"
         text += f"; accuracy {_numbers(accuracy)} ({found})"
     return text
 
@@ -178,14 +183,70 @@ def clean_counterpart(name: str, clean_names: set[str]) -> str | None:
     return "lora" if "lora" in clean_names else None
 
 
+def mean_accuracy(runs: Sequence[dict[str, Any]], name: str) -> float | None:
+    """Mean over the seeds of one entry of its accuracy over the questions; None without such runs."""
+    values = [
+        statistics.fmean(r["eval"]["correct"]) for r in runs if r["name"] == name and r["eval"].get("correct")
+    ]
+    return statistics.fmean(values) if values else None
+
+
+CLEAN, NOISY = " (clean)", " (30% noise)"
+
+
+def noise_costs(
+    clean: Sequence[dict[str, Any]], noisy: Sequence[dict[str, Any]], n_boot: int = 4000
+) -> list[dict[str, Any]]:
+    """What the noise costs each method, paired over seeds and questions, on NLL and accuracy.
+
+    For a noisy entry ``m`` with clean counterpart ``c`` (``clean_counterpart``): ``m`` at 30%
+    noise − ``c`` on clean data (same seed, same question), and, where ``c`` is not lora, that
+    minus what the noise costs lora: ``(m_noisy − c_clean) − (lora_noisy − lora_clean)``, a
+    difference of differences whose resolved sign says which loses less. (For a method
+    measured against clean lora, the second would be ``m_noisy − lora_noisy``: question (v)
+    already has it.) Each result is ``paired_contrast``'s dict plus ``kind`` ("cost" or
+    "versus lora") and, when resolved, ``finding``.
+    """
+    clean_names = {r["name"] for r in clean}
+    tagged = [{**r, "name": r["name"] + CLEAN} for r in clean] + [
+        {**r, "name": r["name"] + NOISY} for r in noisy
+    ]
+    lora_both = "lora" in clean_names and any(r["name"] == "lora" for r in noisy)
+    out = []
+    for name in dict.fromkeys(r["name"] for r in noisy):
+        ref = clean_counterpart(name, clean_names)
+        if ref is None:
+            continue
+        cost = [(name + NOISY, 1.0), (ref + CLEAN, -1.0)]
+        for metric in ("nll", "accuracy"):
+            c = paired_contrast(tagged, cost, (name + NOISY, ref + CLEAN), metric, n_boot=n_boot)
+            if c is not None:
+                out.append({**c, "kind": "cost"})
+        if ref == "lora" or not lora_both:
+            continue
+        versus = [*cost, ("lora" + NOISY, -1.0), ("lora" + CLEAN, 1.0)]
+        labels = (f"noise cost of {name}", "noise cost of lora")
+        for metric in ("nll", "accuracy"):
+            c = paired_contrast(tagged, versus, labels, metric, n_boot=n_boot)
+            if c is not None:
+                if c["resolved"]:
+                    c["finding"] = f"{name if c['better'] == labels[0] else 'lora'} loses less"
+                out.append({**c, "kind": "versus lora"})
+    return out
+
+
 def kept_rows(
-    clean: Sequence[dict[str, Any]], noisy: Sequence[dict[str, Any]], base_nll: float | None
+    clean: Sequence[dict[str, Any]],
+    noisy: Sequence[dict[str, Any]],
+    base_nll: float | None,
+    base_accuracy: float | None = None,
 ) -> list[dict[str, Any]]:
     """Per noisy entry: its mean NLL, its clean counterpart's, and the share of the gain kept.
 
     The gain of training is ``base NLL − trained NLL`` (the base model on the same questions);
     ``kept = gain at 30% noise / gain on clean data`` (1.0: noise cost nothing; 0: all of the
-    gain lost). Without the base model's NLL only the NLL difference is given.
+    gain lost). Without the base model's NLL only the NLL difference is given. ``acc_kept`` is the same
+    share on accuracy, given ``base_accuracy``.
     """
     clean_names = {r["name"] for r in clean}
     rows = []
@@ -195,5 +256,20 @@ def kept_rows(
         kept = None
         if None not in (noisy_nll, clean_nll, base_nll) and base_nll != clean_nll:
             kept = (base_nll - noisy_nll) / (base_nll - clean_nll)
-        rows.append({"name": name, "nll": noisy_nll, "clean": ref, "clean_nll": clean_nll, "kept": kept})
+        noisy_acc, clean_acc = mean_accuracy(noisy, name), mean_accuracy(clean, ref) if ref else None
+        acc_kept = None
+        if None not in (noisy_acc, clean_acc, base_accuracy) and base_accuracy != clean_acc:
+            acc_kept = (noisy_acc - base_accuracy) / (clean_acc - base_accuracy)
+        rows.append(
+            {
+                "name": name,
+                "nll": noisy_nll,
+                "clean": ref,
+                "clean_nll": clean_nll,
+                "kept": kept,
+                "accuracy": noisy_acc,
+                "clean_accuracy": clean_acc,
+                "acc_kept": acc_kept,
+            }
+        )
     return rows
