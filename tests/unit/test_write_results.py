@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -137,6 +138,7 @@ def test_noisy_runs_report_what_is_kept(tmp_path, monkeypatch):
     fake_run("lora", 0, 0.0, 0.5, tmp_path / "a" / "results")
     fake_run("lora", 0, 0.5, 0.4, tmp_path / "b" / "results")
     fake_run("gast-heldout", 0, 0.25, 0.4, tmp_path / "b" / "results")
+    fake_run("gast", 0, -0.2, 0.5, tmp_path / "a" / "results")  # gast-heldout's clean reference
     base = tmp_path / "base.json"
     base.write_text(json.dumps({"nll": {"mean": 2.0}, "results": {"average": 0.3}}))
     out = tmp_path / "RESULTS.md"
@@ -148,12 +150,22 @@ def test_noisy_runs_report_what_is_kept(tmp_path, monkeypatch):
     # lora: no gast in A) keeps 75%.
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in page.splitlines() if line.endswith("% |")}
     assert (
-        rows["lora"][1:3] == [f"{float(rows['lora'][1]):.4f}", "lora"]
-        and abs(float(rows["lora"][1]) - 1.5) < 0.01
+        rows["lora"][2:4] == [f"{float(rows['lora'][2]):.4f}", "lora"]
+        and abs(float(rows["lora"][2]) - 1.5) < 0.01
     )
-    assert rows["lora"][4] == "50%" and rows["gast-heldout"][4] == "75%"
-    # accuracy: base 30%, clean lora 50%, noisy lora and gast-heldout 40%: half the gain kept
-    assert rows["lora"][5:] == ["40.0", "50.0", "50% |"] and rows["gast-heldout"][7] == "50% |"
+    assert rows["lora"][1] == "0" and rows["lora"][5] == "50%"
+    # gast-heldout is measured against clean gast now (NLL 0.8 of base 2.0): (2 - 1.25) / 1.2
+    assert rows["gast-heldout"][3] == "gast" and abs(float(rows["gast-heldout"][5][:-1]) - 62.5) < 2
+    # accuracy: base 30%, clean lora and gast 50%, noisy lora and gast-heldout 40%: half the gain kept
+    assert rows["lora"][6:] == ["40.0", "50.0", "50% |"] and rows["gast-heldout"][8] == "50% |"
+    # (v): the noise costs gast-heldout 0.25 - (-0.2) = 0.45 against clean gast, lora 0.5
+    found = re.search(
+        r"noise cost of gast-heldout − noise cost of lora \(each noisy run minus its clean reference of "
+        r"the same seed in Experiment A\) \(partial: 1 of 3 seeds\): \*\*gast-heldout loses less\*\* on "
+        r"NLL: noise cost of gast-heldout − noise cost of lora = ([-+]\d\.\d+)",
+        page,
+    )
+    assert found and abs(float(found.group(1)) + 0.05) < 0.01
     # The paired cost of the noise: lora's noisy runs share the clean runs' per-question noise
     # here (same seed, same name), so the cost is exactly the 0.5 shift and the 10 points.
     assert "| lora (30% noise) − lora (clean) | nll (nats/token) | 1 | 40 | +0.5000 | +0.5000 |" in page

@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,9 +77,13 @@ QUESTIONS: tuple[Question, ...] = (
 )
 
 
-def mean_nll(runs: Sequence[dict[str, Any]], name: str) -> float | None:
-    """Mean over the seeds of one entry of its held-out NLL; None without such runs."""
-    values = [r["eval"]["nll"]["mean"] for r in runs if r["name"] == name and r["eval"].get("nll")]
+def _of(runs: Sequence[dict[str, Any]], name: str, seeds: Collection[int] | None) -> list[dict[str, Any]]:
+    return [r for r in runs if r["name"] == name and (seeds is None or r["seed"] in seeds)]
+
+
+def mean_nll(runs: Sequence[dict[str, Any]], name: str, seeds: Collection[int] | None = None) -> float | None:
+    """Mean over the seeds (all, or ``seeds``) of one entry of its held-out NLL; None without such runs."""
+    values = [r["eval"]["nll"]["mean"] for r in _of(runs, name, seeds) if r["eval"].get("nll")]
     return statistics.fmean(values) if values else None
 
 
@@ -183,10 +187,12 @@ def clean_counterpart(name: str, clean_names: set[str]) -> str | None:
     return "lora" if "lora" in clean_names else None
 
 
-def mean_accuracy(runs: Sequence[dict[str, Any]], name: str) -> float | None:
-    """Mean over the seeds of one entry of its accuracy over the questions; None without such runs."""
+def mean_accuracy(
+    runs: Sequence[dict[str, Any]], name: str, seeds: Collection[int] | None = None
+) -> float | None:
+    """Mean over the seeds (all, or ``seeds``) of one entry of its accuracy over the questions; None without runs."""
     values = [
-        statistics.fmean(r["eval"]["correct"]) for r in runs if r["name"] == name and r["eval"].get("correct")
+        statistics.fmean(r["eval"]["correct"]) for r in _of(runs, name, seeds) if r["eval"].get("correct")
     ]
     return statistics.fmean(values) if values else None
 
@@ -243,26 +249,32 @@ def kept_rows(
 ) -> list[dict[str, Any]]:
     """Per noisy entry: its mean NLL, its clean counterpart's, and the share of the gain kept.
 
-    The gain of training is ``base NLL − trained NLL`` (the base model on the same questions);
-    ``kept = gain at 30% noise / gain on clean data`` (1.0: noise cost nothing; 0: all of the
-    gain lost). Without the base model's NLL only the NLL difference is given. ``acc_kept`` is the same
+    Both means are over the seeds the two share (A has more seeds than B; unpaired means would
+    mix seed-to-seed spread into the ratio), listed in ``seeds``. The gain of training is
+    ``base NLL − trained NLL`` (the base model on the same questions); ``kept = gain at 30%
+    noise / gain on clean data`` (1.0: noise cost nothing; 0: all of the gain lost); None
+    without the base model's NLL or when the clean run gained nothing. ``acc_kept`` is the same
     share on accuracy, given ``base_accuracy``.
     """
     clean_names = {r["name"] for r in clean}
     rows = []
     for name in dict.fromkeys(r["name"] for r in noisy):
         ref = clean_counterpart(name, clean_names)
-        noisy_nll, clean_nll = mean_nll(noisy, name), mean_nll(clean, ref) if ref else None
+        seeds = sorted(
+            {r["seed"] for r in _of(noisy, name, None)} & {r["seed"] for r in _of(clean, ref, None)}
+        )
+        noisy_nll, clean_nll = mean_nll(noisy, name, seeds), mean_nll(clean, ref, seeds)
         kept = None
-        if None not in (noisy_nll, clean_nll, base_nll) and base_nll != clean_nll:
+        if None not in (noisy_nll, clean_nll, base_nll) and base_nll - clean_nll > 0:
             kept = (base_nll - noisy_nll) / (base_nll - clean_nll)
-        noisy_acc, clean_acc = mean_accuracy(noisy, name), mean_accuracy(clean, ref) if ref else None
+        noisy_acc, clean_acc = mean_accuracy(noisy, name, seeds), mean_accuracy(clean, ref, seeds)
         acc_kept = None
-        if None not in (noisy_acc, clean_acc, base_accuracy) and base_accuracy != clean_acc:
+        if None not in (noisy_acc, clean_acc, base_accuracy) and clean_acc - base_accuracy > 0:
             acc_kept = (noisy_acc - base_accuracy) / (clean_acc - base_accuracy)
         rows.append(
             {
                 "name": name,
+                "seeds": seeds,
                 "nll": noisy_nll,
                 "clean": ref,
                 "clean_nll": clean_nll,
