@@ -67,3 +67,12 @@ def test_spent_sets_each_finished_run_against_its_estimate(tmp_path):
     )
     assert "3 of 41 runs finished" in lines[0] and lines[-1].startswith("| **total** | 3 |")
     assert not any(line.startswith("| ist |") for line in lines)  # no run of it yet: no row
+
+
+def test_spent_page_says_how_to_rebuild_it(tmp_path):
+    out = tmp_path / "docs" / "spent.md"
+    budget.write_spent(out, "| entry | runs done |\nfinished: 1.0 core-hours", 0.94)
+    page = out.read_text()
+    assert page.startswith("# Evidence grids: compute spent against the estimate")
+    assert f"`python benchmarks/evidence_budget.py --fold 0.94 --spent --out {out}`" in page
+    assert " UTC at commit " in page and page.rstrip().endswith("finished: 1.0 core-hours")
