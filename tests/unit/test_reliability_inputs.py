@@ -162,6 +162,6 @@ def test_set_takes_an_exponent_as_a_number():
     args = SimpleNamespace(
         config=None, methods="lora", seeds=None, set=["learning_rate=1e-3", "max_steps=3"], eval_set=[]
     )
-    args.results = args.docs = args.threads = None
+    args.results = args.docs = args.threads = args.runs_dir = None
     grid = build_grid(args)
     assert grid.train == {"learning_rate": 1e-3, "max_steps": 3}
