@@ -111,11 +111,11 @@ def _pct(x: float | None, scale: float = 100, fmt: str = ".0f", unit: str = "%")
     return "-" if x is None else f"{scale * x:{fmt}}{unit}"
 
 
-def _kept_spread(rows: list[dict]) -> str:
+def _kept_spread(rows: list[dict], base_acc: float | None) -> str:
     """Where the two kept columns lie, and what each divides by."""
     nll = [r["kept"] for r in rows if r["kept"] is not None]
     acc = [r["acc_kept"] for r in rows if r["acc_kept"] is not None]
-    gains = [100 * (r["clean_accuracy"] - r["base_acc"]) for r in rows if r["acc_kept"] is not None]
+    gains = [100 * (r["clean_accuracy"] - base_acc) for r in rows if r["acc_kept"] is not None]
     if not nll or not acc:
         return ""
     return (
@@ -132,7 +132,7 @@ def kept_section(clean: list[dict], noisy: list[dict], base_path: Path, costs: l
     base = json.loads(base_path.read_text()) if base_path.is_file() else None
     base_nll = ((base or {}).get("nll") or {}).get("mean")
     base_acc = ((base or {}).get("results") or {}).get("average")
-    rows = [{**r, "base_acc": base_acc} for r in kept_rows(clean, noisy, base_nll, base_acc)]
+    rows = kept_rows(clean, noisy, base_nll, base_acc)
     if not rows:
         return []
     lines = [
@@ -159,7 +159,7 @@ def kept_section(clean: list[dict], noisy: list[dict], base_path: Path, costs: l
         lines += [
             "",
             f"Base model (no training) on the same questions: NLL {base_nll:.4f}, accuracy "
-            f"{_pct(base_acc, 100, '.1f', '')} (`{base_path}`).{_kept_spread(rows)} The paired costs "
+            f"{_pct(base_acc, 100, '.1f', '')} (`{base_path}`).{_kept_spread(rows, base_acc)} The paired costs "
             "below carry the intervals.",
         ]
     cost_rows = [c for c in costs if c["kind"] == "cost"]

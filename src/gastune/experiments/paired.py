@@ -153,6 +153,11 @@ def paired_comparison(
     return paired_contrast(runs, [(a, 1.0), (b, -1.0)], (a, b), metric, n_boot=n_boot, seed=seed)
 
 
+def finding(c: dict[str, Any]) -> str:
+    """What a resolved comparison found ("gast better", or a contrast's own wording)."""
+    return c.get("finding") or f"{c['better']} better"
+
+
 def _value(metric: str, x: float) -> str:
     return f"{100 * x:+.1f}" if metric == "accuracy" else f"{x:+.4f}"
 
@@ -167,7 +172,7 @@ def format_comparisons(comparisons: Sequence[dict[str, Any]]) -> str:
         m = c["metric"]
         unit = "points" if m == "accuracy" else "nats/token"
         per_seed = ", ".join(_value(m, x) for x in c["per_seed"])
-        verdict = f"yes: {c.get('finding') or c['better'] + ' better'}" if c["resolved"] else "no"
+        verdict = f"yes: {finding(c)}" if c["resolved"] else "no"
         lines.append(
             f"| {c['a']} − {c['b']} | {m} ({unit}) | {len(c['seeds'])} | {c['questions']} | {per_seed} | "
             f"{_value(m, c['mean'])} | [{_value(m, c['low'])}, {_value(m, c['high'])}] | {verdict} |"

@@ -26,7 +26,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gastune.experiments.paired import paired_comparison, paired_contrast
+from gastune.experiments.paired import N_BOOT, finding, paired_comparison, paired_contrast
 
 NOT_RUN = "not yet run"
 LR_VARIANTS = {"lora": ("lora", "lora-lr3e-4"), "gast": ("gast", "gast-lr3e-4")}
@@ -104,11 +104,6 @@ def _numbers(c: dict[str, Any]) -> str:
     )
 
 
-def finding(c: dict[str, Any]) -> str:
-    """What a resolved comparison found ("gast better", or a contrast's own wording)."""
-    return c.get("finding") or f"{c['better']} better"
-
-
 def pair_sentence(nll: dict[str, Any], accuracy: dict[str, Any] | None) -> str:
     """One line: the NLL finding (resolved or not), then accuracy's."""
     head = f"**{finding(nll)}**" if nll["resolved"] else "**no resolved difference**"
@@ -129,7 +124,7 @@ def seeds_short(comparison: dict[str, Any], expected_seeds: Sequence[int]) -> st
 
 
 def question_verdict(
-    question: Question, runs: Sequence[dict[str, Any]], expected_seeds: Sequence[int], n_boot: int = 4000
+    question: Question, runs: Sequence[dict[str, Any]], expected_seeds: Sequence[int], n_boot: int = N_BOOT
 ) -> dict[str, Any]:
     """``{"key", "title", "summary", "lines", "comparisons"}`` for one question.
 
@@ -201,7 +196,7 @@ CLEAN, NOISY = " (clean)", " (30% noise)"
 
 
 def noise_costs(
-    clean: Sequence[dict[str, Any]], noisy: Sequence[dict[str, Any]], n_boot: int = 4000
+    clean: Sequence[dict[str, Any]], noisy: Sequence[dict[str, Any]], n_boot: int = N_BOOT
 ) -> list[dict[str, Any]]:
     """What the noise costs each method, paired over seeds and questions, on NLL and accuracy.
 
