@@ -41,8 +41,12 @@ commit_results() {  # only the result files; retry while another git command hol
 }
 
 bench() {  # grid, entries, seed: one entry at a time, each run file committed when it exists
-  local entry
+  local entry results
+  results=$(sed -n 's/^results: *\([^ #]*\).*/\1/p' "$1")
   for entry in ${2//,/ }; do
+    # A finished run is skipped here rather than by `gastune bench`, which would still spend
+    # most of a minute importing and rewriting the report pages to find it has nothing to do.
+    [[ -n $results && -f $results/$entry-seed$3.json ]] && continue
     # The report pages go to an untracked folder: rewritten after every run, in docs/ they
     # would leave the checkout dirty while the next run file is written. At a stop point,
     # `gastune bench --config G --report-only` and write_results.py write the tracked ones.
