@@ -130,6 +130,8 @@ def test_run_stopped_after_its_last_checkpoint_is_not_trained_again(assets, tmp_
     a, b = _result(whole), _result(cut)
     assert b["train"]["resumed"]["from_step"] == 6 and b["train"]["resumed"]["steps_trained_now"] == 0
     assert len(b["train"]["step_times_s"]) == 6 and b["train"]["seconds_per_step"] > 0
+    # Nothing trained in the last segment, so its peak memory is the earlier segment's.
+    assert b["train"]["peak_rss_bytes"] > 0
     assert b["train"]["train_loss"] == pytest.approx(a["train"]["train_loss"], rel=1e-5)
     assert [p["step"] for p in b["train"]["loss_curve"]] == [1, 2, 3, 4, 5, 6]
     assert [p["loss"] for p in b["train"]["loss_curve"]] == pytest.approx(

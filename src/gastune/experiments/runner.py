@@ -64,6 +64,11 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _larger(a: int | None, b: int | None) -> int | None:
+    """The larger of two peaks, either of which may be unknown (None)."""
+    return b if a is None else a if b is None else max(a, b)
+
+
 def _meter(saved: dict[str, Any] | None = None):
     """A Trainer callback timing each optimizer step and reading peak memory at the end.
 
@@ -85,8 +90,10 @@ def _meter(saved: dict[str, Any] | None = None):
             self.segments: list[dict] = list(earlier.get("segments", []))
             self.first_step = len(self.step_times)
             self.logged_step = self.first_step
-            self.peak_rss: int | None = None
-            self.peak_cuda: int | None = None
+            # Peak memory is the largest of the segments': a resumed run that has nothing left
+            # to train (stopped after its last checkpoint) still reports the earlier ones'.
+            self.peak_rss: int | None = earlier.get("peak_rss")
+            self.peak_cuda: int | None = earlier.get("peak_cuda")
             self.rss_reset = False
             self._begin = time.perf_counter()
 
@@ -101,6 +108,11 @@ def _meter(saved: dict[str, Any] | None = None):
                     "wall_s": self.wall_before + now,
                     "loss_sum": self.loss_sum,
                     "segments": [*self.segments, segment],
+                    "peak_rss": _larger(self.peak_rss, peak_rss_bytes()),
+                    "peak_cuda": _larger(
+                        self.peak_cuda,
+                        torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
+                    ),
                 },
             }
 
@@ -129,9 +141,9 @@ def _meter(saved: dict[str, Any] | None = None):
             self.logged_step = state.global_step
 
         def on_train_end(self, args, state, control, **kwargs):
-            self.peak_rss = peak_rss_bytes()
+            self.peak_rss = _larger(self.peak_rss, peak_rss_bytes())
             if torch.cuda.is_available():
-                self.peak_cuda = torch.cuda.max_memory_allocated()
+                self.peak_cuda = _larger(self.peak_cuda, torch.cuda.max_memory_allocated())
 
     return BenchMeter()
 
