@@ -81,6 +81,9 @@ def _meter(saved: dict[str, Any] | None = None):
     from transformers import TrainerCallback
     from transformers.trainer_callback import ExportableState
 
+    def cuda_peak() -> int | None:
+        return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+
     class BenchMeter(TrainerCallback, ExportableState):
         def __init__(self):
             earlier = saved or {}
@@ -109,10 +112,7 @@ def _meter(saved: dict[str, Any] | None = None):
                     "loss_sum": self.loss_sum,
                     "segments": [*self.segments, segment],
                     "peak_rss": _larger(self.peak_rss, peak_rss_bytes()),
-                    "peak_cuda": _larger(
-                        self.peak_cuda,
-                        torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-                    ),
+                    "peak_cuda": _larger(self.peak_cuda, cuda_peak()),
                 },
             }
 
@@ -142,8 +142,7 @@ def _meter(saved: dict[str, Any] | None = None):
 
         def on_train_end(self, args, state, control, **kwargs):
             self.peak_rss = _larger(self.peak_rss, peak_rss_bytes())
-            if torch.cuda.is_available():
-                self.peak_cuda = _larger(self.peak_cuda, torch.cuda.max_memory_allocated())
+            self.peak_cuda = _larger(self.peak_cuda, cuda_peak())
 
     return BenchMeter()
 
