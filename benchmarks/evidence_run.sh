@@ -56,6 +56,14 @@ bench() {  # grid, entries, seed: one entry at a time, each run file committed w
   done
 }
 
+# The skip above is by file name alone: a run file from other settings (an edited grid) would
+# be kept without a word. Once per grid, `--dry-run` compares each of this half's files with
+# the grid as written now and names the stale ones, so the log says so before hours are spent.
+for grid in benchmarks/evidence_b.yaml benchmarks/evidence_a.yaml; do
+  [[ $grid == *_b.yaml ]] && entries=$B || entries=$A
+  "$GASTUNE" bench --config "$grid" --methods "$entries" --dry-run | grep -w stale >&2
+done
+
 # The untrained model on the same 800 questions: the base of "how much of its gain B keeps".
 if ((core == 0)) && [[ ! -f docs/evidence-a/base.json ]]; then
   taskset -c 0 "$GASTUNE" eval --format rc --rule mean --per-task 100 --seed 1234 --threads 1 \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -391,7 +392,7 @@ def test_paired_differences_match_a_direct_count():
     assert pairs[("gast", "gast-random")]["wins"] == 0  # a tie is not a win
 
 
-def test_cli_bench_runs_reports_and_rebuilds(assets, tmp_path, capsys):
+def test_cli_bench_runs_reports_and_rebuilds(assets, tmp_path, capsys, caplog):
     import yaml
 
     config = tmp_path / "grid.yaml"
@@ -404,9 +405,22 @@ def test_cli_bench_runs_reports_and_rebuilds(assets, tmp_path, capsys):
     result = json.loads((tmp_path / "results" / "gast-seed0.json").read_text())
     assert result["settings"]["max_steps"] == 1 and result["eval"]["settings"]["protocol"] == "generate"
     assert result["eval"]["results"]["rule"] == "greedy"
+    # Listed against the settings that made it, the run is done; against the grid as written
+    # (other max_steps and protocol) its file is stale, and the listing says so.
+    assert main([*argv, "--methods", "gast", "--set", "max_steps=1", *generate, "--dry-run"]) == 0
+    listing = capsys.readouterr().out
+    assert re.search(r"gast-seed0\s+done ", listing) and "stale" not in listing
     assert main(["bench", "--config", str(config), "--dry-run"]) == 0
     listing = capsys.readouterr().out
-    assert "gast-seed0" in listing and "done" in listing and "lora-seed0" in listing and "to do" in listing
+    assert re.search(r"gast-seed0\s+stale ", listing) and re.search(r"lora-seed0\s+to do ", listing)
+    assert "1 run file(s) stale" in listing
+    # Running the grid as written keeps the stale file (hours of work are not silently
+    # redone or overwritten) and warns about it.
+    before = (tmp_path / "results" / "gast-seed0.json").read_bytes()
+    assert main([*argv, "--methods", "gast"]) == 0
+    assert "already done 1" in capsys.readouterr().out
+    assert "other settings than the grid's now" in caplog.text
+    assert (tmp_path / "results" / "gast-seed0.json").read_bytes() == before
     (tmp_path / "docs" / "accuracy.png").unlink()
     report = [
         "bench",

@@ -54,7 +54,11 @@ def add_parser(sub) -> None:
     p.add_argument("--max-runs", type=int, default=None, help="run at most this many missing runs now")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads per run")
     p.add_argument("--in-process", action="store_true", help="run in this process, not one subprocess each")
-    p.add_argument("--dry-run", action="store_true", help="list the runs, done or to do, and stop")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list the runs (done, to do, or stale: other settings) and stop",
+    )
     p.add_argument("--report-only", action="store_true", help="rebuild the table and plots from results")
     p.set_defaults(run=run)
 
@@ -131,7 +135,7 @@ def _own_runs_dir(runs_dir: str, grid_results: str, results: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from gastune.experiments import build_report, run_grid
-    from gastune.experiments.runner import check_grid
+    from gastune.experiments.runner import check_grid, run_state
 
     if args.report_only and not args.config and not args.methods:
         results = args.results or "docs/experiment/results"
@@ -143,9 +147,14 @@ def run(args: argparse.Namespace) -> int:
         if grid is None:
             raise GastuneError("--dry-run needs a grid: --config GRID.yaml or --methods")
         check_grid(grid)  # every run's configs build: the grid is runnable as written
+        states = {spec.run_id: run_state(grid, spec) for spec in grid.runs()}
         for spec in grid.runs():
-            state = "done" if grid.result_path(spec).is_file() else "to do"
-            print(f"{spec.run_id:32s} {state:6s} {grid.result_path(spec)}")
+            print(f"{spec.run_id:32s} {states[spec.run_id]:6s} {grid.result_path(spec)}")
+        stale = sum(state == "stale" for state in states.values())
+        if stale:
+            print(
+                f"{stale} run file(s) stale: produced with other settings than the grid's now; delete to re-run"
+            )
         return 0
     status = 0
     if not args.report_only:

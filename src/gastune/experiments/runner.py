@@ -379,7 +379,10 @@ def run_grid(grid: Grid, isolate: bool = True, max_runs: int | None = None) -> G
         path = grid.result_path(run)
         if path.is_file():
             outcome.skipped.append(run.run_id)
-            _warn_if_stale(path, settings_hash(grid.settings(run), evaluation))
+            if _is_stale(path, grid, run, evaluation):
+                logger.warning(
+                    "%s was produced with other settings than the grid's now: delete it to re-run", path
+                )
             continue
         if max_runs is not None and len(outcome.done) + len(outcome.failed) >= max_runs:
             outcome.pending.append(run.run_id)
@@ -394,13 +397,22 @@ def run_grid(grid: Grid, isolate: bool = True, max_runs: int | None = None) -> G
     return outcome
 
 
-def _warn_if_stale(path: Path, expected: str) -> None:
+def run_state(grid: Grid, run: RunSpec) -> str:
+    """``"to do"`` (no run file), ``"done"``, or ``"stale"``: its file holds other settings."""
+    path = grid.result_path(run)
+    if not path.is_file():
+        return "to do"
+    return "stale" if _is_stale(path, grid, run, grid.to_dict()["eval"]) else "done"
+
+
+def _is_stale(path: Path, grid: Grid, run: RunSpec, evaluation: dict[str, Any]) -> bool:
+    # A stale file is still skipped, never silently overwritten: hours of training are the
+    # user's to throw away. It is only ever reported (here, and by `gastune bench --dry-run`).
     try:
         found = json.loads(path.read_text()).get("settings_hash")
     except (OSError, ValueError):
         found = None
-    if found != expected:
-        logger.warning("%s was produced with other settings than the grid's now: delete it to re-run", path)
+    return found != settings_hash(grid.settings(run), evaluation)
 
 
 def main(argv: list[str] | None = None) -> int:
