@@ -32,7 +32,9 @@ def git_info(path: str | Path | None = None) -> dict[str, Any]:
             done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.SubprocessError):
             return None
-        return done.stdout.strip() if done.returncode == 0 else None
+        # rstrip only: a porcelain line's first column is a space for an unstaged edit, and
+        # strip() would eat it from the first line and cut its path by one letter.
+        return done.stdout.rstrip() if done.returncode == 0 else None
 
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no") if commit else None

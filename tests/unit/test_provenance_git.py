@@ -46,6 +46,20 @@ def test_changed_lists_tracked_edits_and_renames_not_untracked_files(repo):
     assert _dirty_note(info) == " (dirty)"
 
 
+def test_an_unstaged_edit_listed_first_keeps_its_whole_path(repo):
+    # " M docs/table.md" is the first porcelain line here: its leading space is a status column.
+    (repo / "docs/table.md").write_text("v2\n")
+    (repo / "src/code.py").write_text("v2\n")
+    info = git_info(repo)
+    assert info["changed"] == ["docs/table.md", "src/code.py"]
+    assert (
+        info["commit"]
+        == subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
+
+
 def test_outside_a_checkout(tmp_path):
     assert git_info(tmp_path) == {"commit": None, "dirty": None, "changed": None}
 
