@@ -186,3 +186,11 @@ def test_a_verdict_from_some_of_the_seeds_says_partial_in_its_headline(tmp_path)
     assert partial["lines"][0].startswith("gast vs ist (partial: 1 of 5 seeds): **gast better**")
     whole = question_verdict(gast_vs_ist, runs, expected_seeds=[0], n_boot=200)
     assert whole["summary"] == "gast better on NLL (resolved)"
+    # Per-entry plans: a pair is partial only against the seeds both of its entries plan.
+    planned = {"gast": range(5), "ist": [0]}
+    assert (
+        question_verdict(gast_vs_ist, runs, expected_seeds=planned, n_boot=200)["summary"] == whole["summary"]
+    )
+    planned = {"gast": range(5), "ist": range(3)}
+    short = question_verdict(gast_vs_ist, runs, expected_seeds=planned, n_boot=200)
+    assert short["summary"] == "gast better on NLL (resolved) — partial: 1 of 3 seeds"

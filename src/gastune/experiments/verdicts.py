@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import statistics
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,16 +123,28 @@ def seeds_short(comparison: dict[str, Any], expected_seeds: Sequence[int]) -> st
     return f"partial: {done} of {expected} seeds" if done < expected else ""
 
 
+def planned_seeds(expected_seeds: Sequence[int] | Mapping[str, Collection[int]], a: str, b: str) -> list[int]:
+    """The seeds a pair ``a`` − ``b`` is planned to have: the grid's, or, given each entry's own
+    (an entry may run fewer, like the learning-rate check), the seeds both entries plan."""
+    if isinstance(expected_seeds, Mapping):
+        return sorted(set(expected_seeds.get(a, ())) & set(expected_seeds.get(b, ())))
+    return list(expected_seeds)
+
+
 def question_verdict(
-    question: Question, runs: Sequence[dict[str, Any]], expected_seeds: Sequence[int], n_boot: int = N_BOOT
+    question: Question,
+    runs: Sequence[dict[str, Any]],
+    expected_seeds: Sequence[int] | Mapping[str, Collection[int]],
+    n_boot: int = N_BOOT,
 ) -> dict[str, Any]:
     """``{"key", "title", "summary", "lines", "comparisons"}`` for one question.
 
     ``summary`` is "not yet run" when no pair has a run on both sides, else about the headline
     (first) pair: "gast better on NLL (resolved)" (whoever its resolved difference favours),
     "no resolved difference on NLL", or that it has not run yet while others have, followed by
-    "— partial: s of S seeds" when fewer seeds than ``expected_seeds`` went in; ``lines`` hold
-    every pair's sentence, each marked "partial" likewise.
+    "— partial: s of S seeds" when fewer seeds than the pair plans went in (``expected_seeds``:
+    the grid's seeds, or each entry's, see ``planned_seeds``); ``lines`` hold every pair's
+    sentence, each marked "partial" likewise.
     """
     lines, comparisons, seen = [], [], set()
     for a, b in question.pairs:
@@ -149,7 +161,7 @@ def question_verdict(
         label = f"{ra} vs {rb}" + (
             " (each at its better learning rate among those run, by mean NLL)" if a != ra or b != rb else ""
         )
-        partial = seeds_short(nll, expected_seeds)
+        partial = seeds_short(nll, planned_seeds(expected_seeds, ra, rb))
         lines.append(f"{label}{f' ({partial})' if partial else ''}: {pair_sentence(nll, accuracy)}")
     headline = next((c for c in comparisons if c["metric"] == "nll"), None)
     first_a, first_b = (resolve(x, runs) for x in question.pairs[0])
@@ -161,7 +173,11 @@ def question_verdict(
         summary = f"{headline['better']} better on NLL (resolved)"
     else:
         summary = "no resolved difference on NLL"
-    short = seeds_short(headline, expected_seeds) if headline is not None else ""
+    short = (
+        seeds_short(headline, planned_seeds(expected_seeds, headline["a"], headline["b"]))
+        if headline is not None
+        else ""
+    )
     if short:  # a verdict from some of the seeds may not survive the rest: the headline says so too
         summary += f" — {short}"
     return {
