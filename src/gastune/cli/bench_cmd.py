@@ -147,10 +147,10 @@ def run(args: argparse.Namespace) -> int:
         if grid is None:
             raise GastuneError("--dry-run needs a grid: --config GRID.yaml or --methods")
         check_grid(grid)  # every run's configs build: the grid is runnable as written
-        states = {spec.run_id: run_state(grid, spec) for spec in grid.runs()}
-        for spec in grid.runs():
-            print(f"{spec.run_id:32s} {states[spec.run_id]:6s} {grid.result_path(spec)}")
-        stale = sum(state == "stale" for state in states.values())
+        states = [(spec, run_state(grid, spec)) for spec in grid.runs()]
+        for spec, state in states:
+            print(f"{spec.run_id:32s} {state:6s} {grid.result_path(spec)}")
+        stale = sum(state == "stale" for _, state in states)
         if stale:
             print(
                 f"{stale} run file(s) stale: produced with other settings than the grid's now; delete to re-run"

@@ -156,6 +156,11 @@ def settings_hash(settings: dict[str, Any], evaluation: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def run_hash(grid: Grid, run: RunSpec) -> str:
+    """The fingerprint ``run``'s file carries when the grid as written now produced it."""
+    return settings_hash(grid.settings(run), grid.to_dict()["eval"])
+
+
 def _eval_records(grid: Grid) -> list[dict]:
     spec = grid.eval
     if spec.data == "commonsense":
@@ -278,7 +283,7 @@ def run_one(grid: Grid, run: RunSpec) -> dict[str, Any]:
         "method": run.method,
         "seed": run.seed,
         "settings": settings,
-        "settings_hash": settings_hash(settings, grid.to_dict()["eval"]),
+        "settings_hash": run_hash(grid, run),
         "train": {
             "loss_curve": [
                 {"step": e["step"], "loss": e["loss"]}
@@ -374,14 +379,14 @@ def run_grid(grid: Grid, isolate: bool = True, max_runs: int | None = None) -> G
     """
     check_grid(grid)
     outcome = GridOutcome()
-    evaluation = grid.to_dict()["eval"]
     for run in grid.runs():
-        path = grid.result_path(run)
-        if path.is_file():
+        state = run_state(grid, run)
+        if state != "to do":
             outcome.skipped.append(run.run_id)
-            if _is_stale(path, grid, run, evaluation):
+            if state == "stale":
                 logger.warning(
-                    "%s was produced with other settings than the grid's now: delete it to re-run", path
+                    "%s was produced with other settings than the grid's now: delete it to re-run",
+                    grid.result_path(run),
                 )
             continue
         if max_runs is not None and len(outcome.done) + len(outcome.failed) >= max_runs:
@@ -402,17 +407,13 @@ def run_state(grid: Grid, run: RunSpec) -> str:
     path = grid.result_path(run)
     if not path.is_file():
         return "to do"
-    return "stale" if _is_stale(path, grid, run, grid.to_dict()["eval"]) else "done"
-
-
-def _is_stale(path: Path, grid: Grid, run: RunSpec, evaluation: dict[str, Any]) -> bool:
     # A stale file is still skipped, never silently overwritten: hours of training are the
-    # user's to throw away. It is only ever reported (here, and by `gastune bench --dry-run`).
+    # user's to throw away. It is only ever reported (by run_grid and `gastune bench --dry-run`).
     try:
         found = json.loads(path.read_text()).get("settings_hash")
     except (OSError, ValueError):
         found = None
-    return found != settings_hash(grid.settings(run), evaluation)
+    return "done" if found == run_hash(grid, run) else "stale"
 
 
 def main(argv: list[str] | None = None) -> int:
